@@ -1,0 +1,84 @@
+"""Pack samples into padded tensors, and score response tokens with a chunked log-prob head.
+
+Layout of a packed micro-batch: [left-padded prompt | right-padded response], so that every row's
+response starts at column P. The logits that score response token t live at column P - 1 + t.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from rollout.types import Sample
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor       # [N, P + T]
+    attention_mask: torch.Tensor  # [N, P + T]
+    position_ids: torch.Tensor    # [N, P + T], counting from each row's first real token
+    response_mask: torch.Tensor   # [N, T] float, 1 on response tokens
+    prompt_width: int             # P
+
+    def to(self, device) -> "Packed":
+        return Packed(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                      self.response_mask.to(device), self.prompt_width)
+
+
+def pack(samples: list[Sample], pad_id: int) -> Packed:
+    P = max(len(s.prompt_ids) for s in samples)
+    T = max(max(len(s.response_ids) for s in samples), 1)
+    input_ids = torch.full((len(samples), P + T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros(len(samples), T)
+    for row, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        input_ids[row, P - p:P] = torch.tensor(s.prompt_ids)
+        input_ids[row, P:P + r] = torch.tensor(s.response_ids, dtype=torch.long)
+        attention_mask[row, P - p:P + r] = 1
+        response_mask[row, :r] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return Packed(input_ids, attention_mask, position_ids, response_mask, P)
+
+
+def padded(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Right-pad ragged per-token lists (e.g. behaviour log-probs) to [N, width] with zeros."""
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row[:width])
+    return out
+
+
+def _head_chunk(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
+    logits = lm_head(hidden).float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def token_logprobs(model: torch.nn.Module, batch: Packed, temperature: float = 1.0,
+                   chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log pi(y_t | s_t) of the responses, [N, T], and the per-token entropy (detached).
+
+    Logits are divided by the sampling temperature (as at generation time). The vocabulary head
+    runs on chunks of positions under activation checkpointing, so a long response never holds its
+    full [T, vocab] logits; only the hidden states are kept for backward.
+    """
+    P, T = batch.prompt_width, batch.response_mask.shape[1]
+    body = model.get_decoder()
+    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  position_ids=batch.position_ids).last_hidden_state[:, P - 1:P - 1 + T]
+    targets = batch.input_ids[:, P:P + T]
+    lm_head = model.get_output_embeddings()
+    logps, entropies = [], []
+    for start in range(0, T, chunk_size):
+        h, y = hidden[:, start:start + chunk_size], targets[:, start:start + chunk_size]
+        if torch.is_grad_enabled():
+            logp, ent = checkpoint(_head_chunk, lm_head, h, y, temperature, use_reentrant=False)
+        else:
+            logp, ent = _head_chunk(lm_head, h, y, temperature)
+        logps.append(logp)
+        entropies.append(ent.detach())
+    return torch.cat(logps, 1), torch.cat(entropies, 1)

@@ -1,0 +1,131 @@
+"""`rlpost train | eval | plot`. Argument parsing and error reporting only; the work is elsewhere.
+
+User errors (bad config, missing file, not a checkpoint) print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+
+class UserError(Exception):
+    pass
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from rlpost.checkpoint import CheckpointError
+    from rlpost.config import ConfigError
+    from rlpost.data import DataError
+    from rlpost.models import ModelSpecError
+    return ConfigError, DataError, ModelSpecError, CheckpointError, UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlpost", description="RL post-training of LLMs (GRPO on DeepSpeed).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run a training recipe")
+    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.max_steps=5 (repeatable)")
+    train.add_argument("--resume", metavar="PATH", help="checkpoint dir, its `latest` link, or a run dir")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    ev = sub.add_parser("eval", help="held-out accuracy of a checkpoint (greedy and pass@k)")
+    ev.add_argument("config")
+    ev.add_argument("--checkpoint", required=True, metavar="PATH",
+                    help="rlpost checkpoint (step dir, `latest`, run dir) or a model spec")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plot = sub.add_parser("plot", help="PNG curves of a run's metrics")
+    plot.add_argument("run_dir")
+    return parser
+
+
+def _quiet() -> None:
+    """Library chatter (deprecation warnings, per-tensor progress bars) buries our own output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    import logging
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def _cmd_train(args) -> int:
+    from rlpost.config import load_config
+    from rlpost.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume, show_progress=not args.no_progress)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    from rlpost.learner import world
+    if world()[0] != 0:
+        return
+    before, after = summary.get("eval_before"), summary.get("eval_after")
+    print("\n== rlpost summary ==")
+    if before:
+        print(f"held-out accuracy before: {before['accuracy']:.3f}  ({int(before['num_prompts'])} prompts, greedy)")
+    if after:
+        print(f"held-out accuracy after:  {after['accuracy']:.3f}")
+    print(f"training wall time: {summary.get('train_wall_s', 0.0):.0f} s")
+    if summary.get("skipped_rows"):
+        print(f"malformed data rows skipped: {summary['skipped_rows']}")
+    print(f"checkpoint: {summary.get('checkpoint')}")
+
+
+def _cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from rlpost.checkpoint import resolve_checkpoint
+    from rlpost.config import load_config
+    from rlpost.data import load_prompt_sets
+    from rlpost.evaluate import evaluate
+    from rlpost.models import load_model, load_tokenizer
+    from rewards.math import MathReward
+    from rollout.engine import make_engine
+
+    cfg = load_config(args.config, args.overrides)
+    path = Path(args.checkpoint)
+    model_path = str(resolve_checkpoint(path) / "hf") if path.exists() else args.checkpoint
+    tokenizer = load_tokenizer(model_path)
+    _, test_set = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
+    engine = make_engine(cfg.rollout.engine, load_model(model_path), tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    reward_fn = MathReward(timeout_s=cfg.reward.timeout_s)
+    result = evaluate(engine, test_set, reward_fn, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                      num_prompts=cfg.eval.num_prompts, pass_k=cfg.eval.pass_k,
+                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    reward_fn.close()
+    print(json.dumps({"checkpoint": model_path, **result}, indent=2))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from rlpost.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)  # argparse itself exits 2 on misuse
+    _quiet()
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot}
+    try:
+        return commands[args.command](args)
+    except _user_errors() as e:
+        print(f"rlpost {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlpost: interrupted (the last complete checkpoint is intact)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Typed configuration: one YAML file -> one tree of pydantic objects. Unknown keys are errors.
+
+`load_config(path, overrides)` applies `--set a.b=value` overrides (values parsed as YAML) and raises
+ConfigError with one line naming the offending key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """Bad user input in a config file or override; the CLI prints it as one line and exits 2."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    output_dir: str = "runs/default"  # metrics, TensorBoard, checkpoints
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    name: str = "smollm2-135m-instruct"  # hub id, local dir, smollm2-135m-instruct or tiny-random
+    reference: str | None = None          # KL reference; defaults to `name`; loaded only if grpo.beta > 0
+    gradient_checkpointing: bool = False
+
+
+class ArithmeticConfig(Section):
+    digits: int = Field(1, ge=1, le=6)           # operands have up to this many digits
+    num_operations: int = Field(1, ge=1, le=4)   # operations per problem
+    operations: list[Literal["+", "-", "*"]] = ["+", "-"]
+    word_problems: bool = False                  # story text around the numbers instead of "What is a + b?"
+    train_size: int = Field(2000, ge=1)
+    test_size: int = Field(200, ge=1)
+
+
+class DataConfig(Section):
+    source: str = "arithmetic"          # "arithmetic", a .jsonl/.json/.parquet file, a folder, or a hub id
+    test_source: str | None = None      # held-out file when `source` is a file; else the test split
+    train_split: str = "train"
+    test_split: str = "test"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    answer_format: Literal["plain", "gsm8k"] = "plain"  # gsm8k: the answer follows "#### "
+    system_prompt: str | None = None    # None keeps the chat template's default system message
+    prompt_template: str = "{question}"
+    max_train_prompts: int | None = Field(None, ge=1)
+    max_test_prompts: int | None = Field(None, ge=1)
+    arithmetic: ArithmeticConfig = ArithmeticConfig()
+
+
+class RolloutConfig(Section):
+    engine: Literal["hf", "vllm", "auto"] = "hf"
+    prompts_per_step: int = Field(8, ge=1)   # B: groups per step
+    group_size: int = Field(8, ge=2)         # G: samples per prompt
+    max_new_tokens: int = Field(64, ge=1)    # L_max
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_batch_size: int = Field(64, ge=1)    # sequences generated at once
+
+
+class RewardConfig(Section):
+    timeout_s: float = Field(5.0, gt=0)      # per-answer limit for math-verify
+    format_weight: float = 0.0               # bonus for a response that stops by itself with an answer
+
+
+class GRPOConfig(Section):
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    eps_low: float = Field(0.2, ge=0)
+    eps_high: float = Field(0.28, ge=0)
+    beta: float = Field(0.0, ge=0)           # k3 KL coefficient; > 0 loads the reference model
+    ratio_level: Literal["token", "sequence"] = "token"
+    dynamic_sampling: bool = True            # drop groups whose rewards are all equal
+    mask_truncated: bool = False             # truncated responses contribute no loss tokens
+    overlong_penalty: bool = False           # DAPO soft length penalty added to the reward
+    overlong_cache: int = Field(16, ge=1)    # L_cache of that penalty
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(20, ge=0)
+    lr: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(8, ge=1)   # sequences per forward/backward
+    zero_stage: Literal[0, 2, 3] = 0
+    deepspeed_config: str | None = None      # default: configs/deepspeed/zero{zero_stage}.json
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0)              # 0: only before and after training
+    num_prompts: int | None = Field(None, ge=1)  # None: the whole held-out split
+    pass_k: int = Field(4, ge=1)             # samples per prompt for pass@k (1 disables sampling)
+    max_new_tokens: int | None = Field(None, ge=1)  # default: rollout.max_new_tokens
+    at_start: bool = True
+
+
+class CheckpointConfig(Section):
+    every: int = Field(10, ge=0)             # 0: only the final one
+    keep_last: int = Field(2, ge=1)
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.grpo.eps_low >= 1:
+            raise ValueError("grpo.eps_low must be < 1 (the ratio is clipped at 1 - eps_low)")
+        return self
+
+    def deepspeed_config_path(self) -> Path:
+        path = self.train.deepspeed_config or REPO_ROOT / "configs" / "deepspeed" / f"zero{self.train.zero_stage}.json"
+        return Path(path)
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and not isinstance(first["input"], dict):
+        msg += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    return f"{key}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"config error: {_format_error(e)}") from None
+
+
+def dump_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))

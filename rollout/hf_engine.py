@@ -1,0 +1,85 @@
+"""Rollout with transformers `generate` (KV cache, batched, left-padded). Reference engine and fallback."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from transformers import GenerationConfig
+
+from rollout.types import FinishReason, Sample, SamplingParams
+
+
+class HFEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int = 64):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.version = 0
+        self.pad_id = tokenizer.pad_token_id
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.stop_ids = sorted(set(eos) | {tokenizer.eos_token_id})
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        if params.seed is None:
+            return self._generate_all(prompts, params)
+        with torch.random.fork_rng(devices=[]):  # a seeded call must not reset the caller's RNG stream
+            torch.manual_seed(params.seed)
+            return self._generate_all(prompts, params)
+
+    def _generate_all(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        samples: list[Sample] = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            samples += self._generate_batch(prompts[start:start + self.max_batch_size], params)
+        return samples
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+        greedy = params.temperature <= 0
+        # A fresh config, so that sampling defaults shipped with the checkpoint (top_k, repetition
+        # penalty...) never change the distribution behind our behaviour log-probs.
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
+            top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+            output_logits=True, return_dict_in_generate=True)
+        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                  generation_config=config)
+        new_tokens = out.sequences[:, width:].cpu()
+        # Behaviour log-prob = log softmax(logits / T) of the sampled token, before top-p: the same
+        # quantity the learner computes, so ratios compare like with like. One step at a time keeps
+        # memory at [batch, vocab] instead of [batch, steps, vocab].
+        scale = 1.0 if greedy else params.temperature
+        token_logps = torch.stack([
+            torch.log_softmax(step_logits.float() / scale, dim=-1).gather(-1, new_tokens[:, t:t + 1].to(step_logits.device)).squeeze(-1).cpu()
+            for t, step_logits in enumerate(out.logits)], dim=1)
+        samples = []
+        for row, prompt in enumerate(prompts):
+            ids = new_tokens[row].tolist()
+            stop_at = next((t for t, tok in enumerate(ids) if tok in self.stop_ids), None)
+            if stop_at is None:
+                finish, length = FinishReason.LENGTH, len(ids)
+            else:
+                finish, length = FinishReason.STOP, stop_at + 1  # the stop token is part of the response
+            response = ids[:length]
+            samples.append(Sample(
+                prompt_ids=list(prompt), response_ids=response, logprobs=token_logps[row, :length].tolist(),
+                finish_reason=finish, versions=[self.version] * length,
+                text=self.tokenizer.decode(response, skip_special_tokens=True)))
+        return samples
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"rollout model has no parameter {name!r}")
+            params[name].copy_(tensor)
+        self.version = version

