@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """GSM8K / hh-rlhf live outside the repo; RLPOST_DATA overrides where. Tests using them skip without."""
+    candidates = [os.environ.get("RLPOST_DATA"), REPO.parent / "shared" / "data"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+@pytest.fixture
+def gsm8k_dir() -> Path:
+    data = shared_data_dir()
+    if data is None or not (data / "gsm8k" / "test.jsonl").is_file():
+        pytest.skip("GSM8K data not found (set RLPOST_DATA to the folder holding gsm8k/)")
+    return data / "gsm8k"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from rlpost.models import load_tokenizer
+    return load_tokenizer("tiny-random")

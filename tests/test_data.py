@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from rlpost.config import ArithmeticConfig, DataConfig
+from rlpost.data import DataError, arithmetic_splits, load_problems, load_prompt_sets
+
+
+def test_arithmetic_is_seeded_disjoint_and_correct():
+    cfg = ArithmeticConfig(digits=2, num_operations=2, operations=["+", "-", "*"], train_size=300, test_size=50)
+    train, test = arithmetic_splits(cfg, seed=3)
+    again, _ = arithmetic_splits(cfg, seed=3)
+    assert (len(train), len(test)) == (300, 50)
+    assert [p.question for p in train] == [p.question for p in again]
+    assert not {p.question for p in train} & {p.question for p in test}
+    for p in train[:50]:
+        expr = p.question.removeprefix("What is ").removesuffix("?")
+        assert str(eval(expr)) == p.answer
+
+
+def test_small_problem_space_splits_in_proportion():
+    train, test = arithmetic_splits(ArithmeticConfig(digits=1, operations=["+"], train_size=900, test_size=100), 0)
+    assert len(train) + len(test) == 81 and 5 <= len(test) <= 10
+
+
+def test_word_problems_and_difficulty():
+    cfg = ArithmeticConfig(digits=1, num_operations=3, word_problems=True, train_size=20, test_size=5)
+    train, _ = arithmetic_splits(cfg, 0)
+    assert all(p.question.endswith("now?") and int(p.answer) >= 0 for p in train)
+
+
+def test_jsonl_skips_and_counts_malformed_rows(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [json.dumps({"question": "1+1?", "answer": "#### 2"}), "{not json", json.dumps({"question": "x"}),
+            json.dumps({"question": "2+3?", "answer": "so 5\n#### 5"}), json.dumps([1, 2]),
+            json.dumps({"question": "no marker", "answer": "7"}), ""]
+    path.write_text("\n".join(rows))
+    problems, skipped = load_problems(str(path), "train", DataConfig(answer_format="gsm8k"))
+    assert [(p.question, p.answer) for p in problems] == [("1+1?", "2"), ("2+3?", "5")]
+    assert skipped == 4
+
+
+def test_parquet_and_custom_fields(tmp_path):
+    import datasets
+    path = tmp_path / "d.parquet"
+    datasets.Dataset.from_list([{"q": "3*3?", "a": 9}, {"q": None, "a": 1}]).to_parquet(str(path))
+    problems, skipped = load_problems(str(path), "train", DataConfig(question_field="q", answer_field="a"))
+    assert [(p.question, p.answer) for p in problems] == [("3*3?", "9")] and skipped == 1
+
+
+def test_missing_and_empty_sources(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_problems(str(tmp_path / "none.jsonl"), "train", DataConfig())
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    with pytest.raises(DataError, match="no usable rows"):
+        load_problems(str(tmp_path / "bad.jsonl"), "train", DataConfig())
+
+
+def test_gsm8k_files(gsm8k_dir, tokenizer):
+    cfg = DataConfig(source=str(gsm8k_dir / "train.jsonl"), test_source=str(gsm8k_dir / "test.jsonl"),
+                     answer_format="gsm8k", max_test_prompts=10)
+    train, test = load_prompt_sets(cfg, tokenizer, seed=0)
+    assert len(train) > 7000 and len(test) == 10 and train.skipped == 0
+    assert test.problems[0].answer == "18"
+    text = tokenizer.decode(test.prompt_ids[0])
+    assert "<|im_start|>user" in text and text.rstrip().endswith("assistant")
+
+
+def test_prompt_rendering_uses_chat_template(tokenizer):
+    cfg = DataConfig(system_prompt="Be brief.", prompt_template="Q: {question}",
+                     arithmetic=ArithmeticConfig(train_size=5, test_size=2))
+    train, _ = load_prompt_sets(cfg, tokenizer, seed=0)
+    text = tokenizer.decode(train.prompt_ids[0])
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and "Q: What is" in text
