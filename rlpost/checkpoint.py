@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlpost.errors import UserError
+
 STATE_FILE = "trainer_state.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 

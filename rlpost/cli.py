@@ -10,17 +10,7 @@ import os
 import sys
 import warnings
 
-
-class UserError(Exception):
-    pass
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from rlpost.checkpoint import CheckpointError
-    from rlpost.config import ConfigError
-    from rlpost.data import DataError
-    from rlpost.models import ModelSpecError
-    return ConfigError, DataError, ModelSpecError, CheckpointError, UserError
+from rlpost.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot}
     try:
         return commands[args.command](args)
-    except _user_errors() as e:
+    except UserError as e:
         print(f"rlpost {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

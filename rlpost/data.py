@@ -11,10 +11,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlpost.errors import UserError
 from rlpost.config import ArithmeticConfig, DataConfig
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source that cannot be used at all (missing file, no usable rows)."""
 
 

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
+from rlpost.errors import UserError
+
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserError):
     pass
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlpost.errors import UserError
 from rlpost.metrics import read_metrics
 
 PANELS = [("reward", "reward (train)"), ("eval/accuracy", "held-out accuracy (greedy)"), ("kl", "KL to reference"),
@@ -13,8 +14,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from rlpost.cli import UserError
 
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():

@@ -8,9 +8,9 @@ import torch
 
 from conftest import REPO
 
-SMALL = ["model.name=tiny-random", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6",
+SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6",
          "eval.num_prompts=4", "eval.pass_k=2", "train.micro_batch_size=4", "checkpoint.every=1",
-         "grpo.dynamic_sampling=false", "train.lr=1e-3", "data.arithmetic.train_size=50", "data.arithmetic.test_size=10"]
+         "grpo.dynamic_sampling=false", "train.lr=1e-4", "reward.format_weight=0.5", "data.arithmetic.train_size=50", "data.arithmetic.test_size=10"]
 
 
 def rlpost(*args):
@@ -24,9 +24,10 @@ def sets(*pairs):
     return [x for p in pairs for x in ("--set", p)]
 
 
-def test_cli_train_checkpoint_resume_eval_plot(tmp_path):
+def test_cli_train_checkpoint_resume_eval_plot(tmp_path, digit_model):
     run = tmp_path / "run"
-    base = ["train", "configs/grpo_math.yaml", "--no-progress", *sets(*SMALL, f"run.output_dir={run}")]
+    base = ["train", "configs/grpo_math.yaml", "--no-progress",
+            *sets(*SMALL, f"model.name={digit_model}", f"run.output_dir={run}")]
     out = rlpost(*base, *sets("train.max_steps=2"))
     assert "held-out accuracy before" in out and "step_2" in out
     latest = run / "checkpoints" / "latest"
@@ -37,6 +38,7 @@ def test_cli_train_checkpoint_resume_eval_plot(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if "reward" in r]
     assert train_steps == [1, 2, 3]
+    assert any(r.get("grad_norm", 0) > 0 for r in rows), "rewards never varied: nothing was trained"
     assert "kl" in rows[-1] or "kl" in [r for r in rows if r.get("step") == 3 and "reward" in r][0]
     # The HF folder loads with plain transformers.
     from transformers import AutoModelForCausalLM
@@ -49,24 +51,24 @@ def test_cli_train_checkpoint_resume_eval_plot(tmp_path):
     assert (run / "curves.png").stat().st_size > 10_000
 
 
-def _overrides(run_dir, steps):
+def _overrides(run_dir, steps, model):
     from rlpost.config import load_config
     return load_config(REPO / "configs" / "grpo_math.yaml",
-                       [*SMALL, f"run.output_dir={run_dir}", f"train.max_steps={steps}", "eval.at_start=false"])
+                       [*SMALL, f"model.name={model}", f"run.output_dir={run_dir}", f"train.max_steps={steps}", "eval.at_start=false"])
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, digit_model):
     """2 steps + resume + 1 step gives bit-identical weights to 3 uninterrupted steps."""
     from rlpost.trainer import train
     from safetensors.torch import load_file
 
-    train(_overrides(tmp_path / "a", 3), show_progress=False)
-    train(_overrides(tmp_path / "b", 2), show_progress=False)
-    train(_overrides(tmp_path / "b", 3), resume=str(tmp_path / "b" / "checkpoints" / "latest"), show_progress=False)
+    train(_overrides(tmp_path / "a", 3, digit_model), show_progress=False)
+    train(_overrides(tmp_path / "b", 2, digit_model), show_progress=False)
+    train(_overrides(tmp_path / "b", 3, digit_model), resume=str(tmp_path / "b" / "checkpoints" / "latest"), show_progress=False)
     a = load_file(tmp_path / "a" / "checkpoints" / "step_3" / "hf" / "model.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "step_3" / "hf" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert not torch.equal(a["model.embed_tokens.weight"],
-                           load_file(tmp_path / "b" / "checkpoints" / "step_2" / "hf" / "model.safetensors")["model.embed_tokens.weight"])
+    step_2 = load_file(tmp_path / "b" / "checkpoints" / "step_2" / "hf" / "model.safetensors")
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], step_2["model.layers.0.mlp.up_proj.weight"])
