@@ -65,6 +65,18 @@ def _deepspeed_config(cfg: Config) -> dict:
     return ds
 
 
+class LogprobPolicy(torch.nn.Module):
+    """What DeepSpeed wraps: the HF model, with per-token log-probs as its forward. Going through the
+    engine's forward matters: ZeRO counts micro-batches there to accumulate (not overwrite) gradients."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: Packed, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(self.lm, batch, temperature)
+
+
 class Learner:
     def __init__(self, cfg: Config):
         import deepspeed
@@ -86,16 +98,16 @@ class Learner:
         warmup = cfg.train.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            model=LogprobPolicy(model), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self._hf_ds_config = hf_ds_config
-        self.model = self.engine.module
+        self.model = self.engine.module.lm  # the HF model: HF parameter names, save_pretrained
         self.clip_norm = cfg.train.max_grad_norm if ds_config["gradient_clipping"] == 0.0 else None
         self.version = 0  # number of optimizer steps taken; stamped on rollout tokens
 
     @torch.no_grad()
     def logprobs(self, batch: Packed, temperature: float) -> torch.Tensor:
         self.engine.eval()
-        logp, _ = token_logprobs(self.model, batch.to(self.engine.device), temperature)
+        logp, _ = self.engine(batch.to(self.engine.device), temperature)
         return logp.float().cpu()
 
     def train_step(self, micro_batches: list, loss_fn: Callable) -> dict[str, float]:
@@ -104,7 +116,7 @@ class Learner:
         self.engine.train()
         totals: dict[str, float] = {}
         for mb in micro_batches:
-            logp, entropy = token_logprobs(self.model, mb.packed.to(self.engine.device), mb.temperature)
+            logp, entropy = self.engine(mb.packed.to(self.engine.device), mb.temperature)
             loss, stats = loss_fn(mb, logp.float(), entropy)
             self.engine.backward(loss, scale_wrt_gas=False)
             for key, value in stats.items():
@@ -148,7 +160,7 @@ class Learner:
         self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
         hf_dir = directory / "hf"
         if self.zero_stage == 3:
-            state = self.engine._zero3_consolidated_16bit_state_dict()
+            state = {k.removeprefix("lm."): v for k, v in self.engine._zero3_consolidated_16bit_state_dict().items()}
             if world()[0] == 0:
                 self.model.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
         elif world()[0] == 0:
