@@ -15,6 +15,8 @@ from rlpost.errors import UserError
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlpost", description="RL post-training of LLMs (GRPO on DeepSpeed).")
+    # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment carries the same.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a training recipe")
     train.add_argument("config", help="YAML config (see configs/)")

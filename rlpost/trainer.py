@@ -26,7 +26,7 @@ from rlpost.metrics import MetricsLogger, progress_bar
 from rlpost.models import load_model, load_tokenizer
 from rewards.math import MathReward
 from rollout.engine import make_engine
-from rollout.types import Group, SamplingParams
+from rollout.types import FinishReason, Group, Sample, SamplingParams
 
 
 @dataclass
@@ -70,10 +70,14 @@ def score(groups: list[Group], reward_fn: MathReward, cfg: Config) -> None:
 
 def make_micro_batches(groups: list[Group], cfg: Config, pad_id: int, reference=None) -> tuple[list[MicroBatch], float]:
     """Advantages over (ragged) groups, then fixed-size micro-batches. Returns them and N_glob, the
-    loss-token total of the whole batch, known before any backward (dapo needs it)."""
+    loss-token total of the whole batch, known before any backward (dapo needs it).
+
+    With several ranks, every rank must run the same number of backward passes (each one is a
+    collective under ZeRO), so ranks with fewer micro-batches get empty ones (all-zero loss mask)."""
     samples = [s for g in groups for s in g.samples]
     rewards = torch.tensor([s.reward for s in samples])
-    advantages = grpo.group_advantages(rewards, [len(g.samples) for g in groups], cfg.grpo.scale_rewards)
+    advantages = (grpo.group_advantages(rewards, [len(g.samples) for g in groups], cfg.grpo.scale_rewards)
+                  if samples else torch.zeros(0))
     keep_mask = [not (cfg.grpo.mask_truncated and s.truncated) for s in samples]
     size = cfg.train.micro_batch_size
     micro_batches = []
@@ -90,11 +94,22 @@ def make_micro_batches(groups: list[Group], cfg: Config, pad_id: int, reference=
             behaviour_logp=padded([s.logprobs for s in chunk], packed.response_mask.shape[1]),
             ref_logp=ref_logp, temperature=cfg.rollout.temperature))
     global_tokens = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
-    if torch.distributed.is_initialized():
-        total = torch.tensor([global_tokens], dtype=torch.float64)
-        torch.distributed.all_reduce(total)
-        global_tokens = float(total)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        totals = torch.tensor([global_tokens, len(micro_batches)], dtype=torch.float64)
+        most = totals[1:].clone()
+        torch.distributed.all_reduce(totals[:1])
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        global_tokens = float(totals[0])
+        while len(micro_batches) < int(most):
+            micro_batches.append(_empty_micro_batch(pad_id, cfg.rollout.temperature))
     return micro_batches, global_tokens
+
+
+def _empty_micro_batch(pad_id: int, temperature: float) -> MicroBatch:
+    """A one-token micro-batch that contributes nothing: it only keeps the ranks' collectives in step."""
+    packed = pack([Sample([pad_id], [pad_id], [0.0], FinishReason.STOP)], pad_id)
+    return MicroBatch(packed=packed, advantages=torch.zeros(1), loss_mask=torch.zeros(1, 1),
+                      behaviour_logp=torch.zeros(1, 1), ref_logp=torch.zeros(1, 1), temperature=temperature)
 
 
 def make_loss_fn(cfg: Config, num_micro_batches: int, global_tokens: float):
@@ -203,8 +218,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
                                        [len(g.samples) for g in groups])
         train_groups = [g for g, k in zip(groups, kept) if k] if cfg.grpo.dynamic_sampling else groups
         train_stats: dict = {"skipped_update": 1.0}
-        if train_groups:
-            micro_batches, global_tokens = make_micro_batches(train_groups, cfg, tokenizer.pad_token_id, reference)
+        micro_batches, global_tokens = make_micro_batches(train_groups, cfg, tokenizer.pad_token_id, reference)
+        if micro_batches:  # empty on every rank when no group had any reward variance
             train_stats = learner.train_step(micro_batches, make_loss_fn(cfg, len(micro_batches), global_tokens))
             t_sync = time.time()
             engine.load_weights(learner.named_weights(), learner.version)

@@ -10,6 +10,7 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
+from rlpost.errors import UserError
 from rollout.types import Sample, SamplingParams
 
 
@@ -40,4 +41,4 @@ def make_engine(kind: str, model: torch.nn.Module, tokenizer, **kwargs) -> Rollo
     if kind in ("hf", "auto"):
         from rollout.hf_engine import HFEngine
         return HFEngine(model, tokenizer, **kwargs)
-    raise ValueError(f"rollout.engine={kind!r} is not available in this build (choose hf or auto)")
+    raise UserError(f"rollout.engine: {kind!r} is not available in this build yet (choose hf or auto)")

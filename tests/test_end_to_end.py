@@ -72,3 +72,17 @@ def test_resume_is_exact(tmp_path, digit_model):
         assert torch.equal(a[key], b[key]), key
     step_2 = load_file(tmp_path / "b" / "checkpoints" / "step_2" / "hf" / "model.safetensors")
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], step_2["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_two_ranks_with_the_deepspeed_launcher(tmp_path, digit_model):
+    """2 CPU ranks, ZeRO-2: ranks with no informative group still join every collective (no hang)."""
+    run = tmp_path / "run"
+    cmd = [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--module", "rlpost.cli", "train",
+           "configs/grpo_math.yaml", "--no-progress",
+           *sets(*SMALL, f"model.name={digit_model}", f"run.output_dir={run}", "train.max_steps=3",
+                 "train.zero_stage=2", "grpo.dynamic_sampling=true")]
+    if not (REPO / ".venv" / "bin" / "deepspeed").exists():
+        pytest.skip("deepspeed launcher not in .venv")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run / "checkpoints" / "latest").resolve().name == "step_3"
