@@ -83,3 +83,29 @@ def token_logprobs(model: torch.nn.Module, batch: Packed, temperature: float = 1
         logps.append(logp)
         entropies.append(ent.detach())
     return torch.cat(logps, 1), torch.cat(entropies, 1)
+
+
+@torch.no_grad()
+def head_gradient_norms(model: torch.nn.Module, batch: Packed, temperature: float = 1.0) -> list[float]:
+    """Per response, ||d log pi(y|x) / d W_head||_F, the gradient norm w.r.t. the output-embedding
+    matrix (the token embeddings when they are tied, as in the CurES reference code).
+
+    d/dW sum_t log softmax(W h_t / T)[y_t] = sum_t (e_{y_t} - p_t) h_t^T / T, so its squared norm is
+    sum_{t,t'} <e_t - p_t, e_t' - p_t'> <h_t, h_t'> / T^2: two [T, T] Gram matrices, no [V, d] gradient.
+    """
+    P, T = batch.prompt_width, batch.response_mask.shape[1]
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 position_ids=batch.position_ids).last_hidden_state[:, P - 1:P - 1 + T]
+    lm_head = model.get_output_embeddings()
+    norms = []
+    for row in range(hidden.shape[0]):
+        n = int(batch.response_mask[row].sum())
+        h = hidden[row, :n]
+        logits = lm_head(h)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        h = h.to(dtype)
+        residual = -torch.softmax(logits.to(dtype) / temperature, dim=-1)
+        residual[torch.arange(n), batch.input_ids[row, P:P + n]] += 1.0
+        squared = ((residual @ residual.T) * (h @ h.T)).sum() / temperature ** 2
+        norms.append(float(squared.clamp(min=0).sqrt()))
+    return norms

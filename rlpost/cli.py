@@ -84,7 +84,8 @@ def _cmd_eval(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     path = Path(args.checkpoint)
-    model_path = str(resolve_checkpoint(path) / "hf") if path.exists() else args.checkpoint
+    is_hf_folder = (path / "config.json").is_file()
+    model_path = str(resolve_checkpoint(path) / "hf") if path.exists() and not is_hf_folder else args.checkpoint
     tokenizer = load_tokenizer(model_path)
     _, test_set = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
     engine = make_engine(cfg.rollout.engine, load_model(model_path), tokenizer, max_batch_size=cfg.rollout.max_batch_size)

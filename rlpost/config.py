@@ -68,6 +68,17 @@ class RolloutConfig(Section):
     max_batch_size: int = Field(64, ge=1)    # sequences generated at once
 
 
+class CurriculumConfig(Section):
+    """Prompt sampling (ALGORITHMS.md §3). The rollout budget per step is prompts_per_step * group_size."""
+    sampler: Literal["uniform", "cures"] = "uniform"
+    tau_mode: Literal["fixed", "code"] = "fixed"   # code: the released tau_i = 100 (a_i + 1)
+    tau: float = Field(0.1, gt=0)                   # softmax temperature of the fixed mode
+    allocation: Literal["score", "grad_norm"] = "score"  # k_i ~ s(p) or ~ sigma_i from gradient norms
+    k_min: int = Field(2, ge=2)                     # samples per selected prompt, at least
+    init_rollouts: int = Field(4, ge=0)             # N_min per training prompt before step 1; 0 skips
+    correct_threshold: float = 0.5                  # a rollout counts as correct when reward > this
+
+
 class RewardConfig(Section):
     timeout_s: float = Field(5.0, gt=0)      # per-answer limit for math-verify
     format_weight: float = 0.0               # bonus for a response that stops by itself with an answer
@@ -116,6 +127,7 @@ class Config(Section):
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
     grpo: GRPOConfig = GRPOConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -125,6 +137,8 @@ class Config(Section):
     def _consistent(self) -> "Config":
         if self.grpo.eps_low >= 1:
             raise ValueError("grpo.eps_low must be < 1 (the ratio is clipped at 1 - eps_low)")
+        if self.curriculum.sampler == "cures" and self.rollout.group_size < self.curriculum.k_min:
+            raise ValueError("rollout.group_size (the mean rollouts per prompt) must be >= curriculum.k_min")
         return self
 
     def deepspeed_config_path(self) -> Path:

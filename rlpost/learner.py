@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from rlpost.batch import Packed, token_logprobs
+from rlpost.batch import Packed, head_gradient_norms, token_logprobs
 from rlpost.config import Config, ConfigError
 from rlpost.models import load_model
 
@@ -109,6 +109,10 @@ class Learner:
         self.engine.eval()
         logp, _ = self.engine(batch.to(self.engine.device), temperature)
         return logp.float().cpu()
+
+    def head_gradient_norms(self, batch: Packed, temperature: float) -> list[float]:
+        self.engine.eval()
+        return head_gradient_norms(self.model, batch.to(self.engine.device), temperature)
 
     def train_step(self, micro_batches: list, loss_fn: Callable) -> dict[str, float]:
         """One optimizer step. `loss_fn(micro_batch, logp, entropy) -> (loss, stats)` for each micro-batch

@@ -18,7 +18,7 @@ from rlpost import checkpoint as ckpt
 from rlpost.algorithms import grpo
 from rlpost.batch import Packed, pack, padded, token_logprobs
 from rlpost.config import Config, dump_config
-from rlpost.curriculum import UniformSampler
+from rlpost.curriculum import CuresSampler, UniformSampler
 from rlpost.data import PromptSet, load_prompt_sets
 from rlpost.evaluate import evaluate
 from rlpost.learner import Learner, world
@@ -48,12 +48,20 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # The pieces of one step
 
-def rollout(engine, prompts: PromptSet, prompt_ids: list[int], cfg: Config) -> list[Group]:
+def make_sampler(cfg: Config, num_prompts: int):
+    c = cfg.curriculum
+    if c.sampler == "cures":
+        return CuresSampler(num_prompts, cfg.run.seed, cfg.rollout.group_size, c.tau_mode, c.tau, c.allocation, c.k_min)
+    return UniformSampler(num_prompts, cfg.run.seed, cfg.rollout.group_size)
+
+
+def rollout(engine, prompts: PromptSet, prompt_ids: list[int], group_sizes: list[int], cfg: Config) -> list[Group]:
+    """group_sizes[k] samples for prompt prompt_ids[k], all generated in one engine call."""
     r = cfg.rollout
-    requests = [prompts.prompt_ids[i] for i in prompt_ids for _ in range(r.group_size)]
-    samples = engine.generate(requests, SamplingParams(r.max_new_tokens, r.temperature, r.top_p))
+    requests = [prompts.prompt_ids[i] for i, k in zip(prompt_ids, group_sizes) for _ in range(k)]
+    samples = iter(engine.generate(requests, SamplingParams(r.max_new_tokens, r.temperature, r.top_p)))
     return [Group(prompt_id=i, prompt=prompts.problems[i].question, answer=prompts.problems[i].answer,
-                  samples=samples[k * r.group_size:(k + 1) * r.group_size]) for k, i in enumerate(prompt_ids)]
+                  samples=[next(samples) for _ in range(k)]) for i, k in zip(prompt_ids, group_sizes)]
 
 
 def score(groups: list[Group], reward_fn: MathReward, cfg: Config) -> None:
@@ -66,6 +74,34 @@ def score(groups: list[Group], reward_fn: MathReward, cfg: Config) -> None:
         rewards = [r + p for r, p in zip(rewards, penalty)]
     for sample, reward in zip(samples, rewards):
         sample.reward = reward
+
+
+def update_sampler(sampler, groups: list[Group], cfg: Config, grad_norms_fn=None) -> None:
+    """Feed every scored rollout to the sampler (with per-response gradient norms when the allocation
+    needs them). All ranks see all outcomes, so their samplers stay identical."""
+    outcomes = []
+    for g in groups:
+        norms = grad_norms_fn(g.samples) if grad_norms_fn is not None else None
+        outcomes.append((g.prompt_id, [s.reward > cfg.curriculum.correct_threshold for s in g.samples], norms))
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        everyone: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, outcomes)
+        outcomes = [o for rank_outcomes in everyone for o in rank_outcomes]
+    for prompt_id, correct, norms in outcomes:
+        sampler.update(prompt_id, correct, norms)
+
+
+def difficulty_pass(engine, sampler, prompts: PromptSet, reward_fn: MathReward, cfg: Config, grad_norms_fn) -> dict:
+    """CurES initialisation: N_min rollouts of every training prompt with the current model. Real cost."""
+    start, n = time.time(), cfg.curriculum.init_rollouts
+    rank, world_size = world()
+    ids = list(range(len(prompts)))[rank::world_size]
+    groups = rollout(engine, prompts, ids, [n] * len(ids), cfg)
+    score(groups, reward_fn, cfg)
+    update_sampler(sampler, groups, cfg, grad_norms_fn)
+    tokens = sum(len(s.response_ids) for g in groups for s in g.samples)
+    return {"init/rollouts": float(len(prompts) * n), "init/tokens": float(tokens * world_size),
+            "init/seconds": time.time() - start}
 
 
 def make_micro_batches(groups: list[Group], cfg: Config, pad_id: int, reference=None) -> tuple[list[MicroBatch], float]:
@@ -135,6 +171,22 @@ def make_loss_fn(cfg: Config, num_micro_batches: int, global_tokens: float):
     return loss_fn
 
 
+def curriculum_metrics(sampler, groups: list[Group]) -> dict:
+    """Where the sampled prompts sit in difficulty, and how many samples carry a learning signal."""
+    samples = [s for g in groups for s in g.samples]
+    rewards = torch.tensor([s.reward for s in samples])
+    advantages = grpo.group_advantages(rewards, [len(g.samples) for g in groups], "none")
+    out = {"curriculum/mean_k": len(samples) / len(groups),
+           "curriculum/effective_samples": float((advantages.abs() > 1e-8).sum())}
+    if isinstance(sampler, CuresSampler):
+        p = sampler.accuracy()
+        sampled = p[[g.prompt_id for g in groups]]
+        out["curriculum/sampled_mid_accuracy"] = float(((sampled > 0.2) & (sampled < 0.8)).double().mean())
+        for q in (0.1, 0.5, 0.9):
+            out[f"curriculum/p_hat_q{int(q * 100)}"] = float(torch.quantile(p, q))
+    return out
+
+
 def step_metrics(groups: list[Group], kept: list[bool], train_stats: dict, rollout_s: float, step_s: float) -> dict:
     samples = [s for g in groups for s in g.samples]
     tokens = sum(len(s.response_ids) for s in samples)
@@ -162,7 +214,6 @@ def step_metrics(groups: list[Group], kept: list[bool], train_stats: dict, rollo
 # ---------------------------------------------------------------------------------------------
 
 def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> dict:
-    rank, world_size = world()
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +230,11 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     if cfg.grpo.beta > 0:  # the reference model costs memory and a forward pass; only when used
         reference = load_model(cfg.model.reference or cfg.model.name).to(learner.engine.device).eval()
     reward_fn = MathReward(timeout_s=cfg.reward.timeout_s, format_weight=cfg.reward.format_weight)
-    sampler = UniformSampler(len(train_set), cfg.run.seed)
+    sampler = make_sampler(cfg, len(train_set))
+    grad_norms_fn = None
+    if cfg.curriculum.allocation == "grad_norm":
+        def grad_norms_fn(samples):
+            return learner.head_gradient_norms(pack(samples, tokenizer.pad_token_id), cfg.rollout.temperature)
     summary: dict = {"train_prompts": len(train_set), "test_prompts": len(test_set),
                      "skipped_rows": train_set.skipped + test_set.skipped}
     start_step = 0
@@ -205,14 +260,19 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
 
     if start_step == 0 and cfg.eval.at_start:
         summary["eval_before"] = run_eval(0)
+    if start_step == 0 and cfg.curriculum.sampler == "cures" and cfg.curriculum.init_rollouts > 0:
+        summary["init_pass"] = difficulty_pass(engine, sampler, train_set, reward_fn, cfg, grad_norms_fn)
+        logger.log(0, summary["init_pass"])
     bar = progress_bar(start_step, cfg.train.max_steps, enabled=show_progress and is_main)
     run_start, last_checkpoint = time.time(), None
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.time()
-        prompt_ids = sampler.next_batch(cfg.rollout.prompts_per_step * world_size)[rank::world_size]
-        groups = rollout(engine, train_set, prompt_ids, cfg)
+        prompt_ids, group_sizes = sampler.next_batch(cfg.rollout.prompts_per_step * world_size)
+        prompt_ids, group_sizes = prompt_ids[rank::world_size], group_sizes[rank::world_size]
+        groups = rollout(engine, train_set, prompt_ids, group_sizes, cfg)
         rollout_s = time.time() - t0
         score(groups, reward_fn, cfg)
+        update_sampler(sampler, groups, cfg, grad_norms_fn)
 
         kept = grpo.informative_groups(torch.tensor([s.reward for g in groups for s in g.samples]),
                                        [len(g.samples) for g in groups])
@@ -226,10 +286,11 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             train_stats["weight_sync_s"] = time.time() - t_sync
 
         metrics = step_metrics(groups, kept, train_stats, rollout_s, time.time() - t0)
+        metrics.update(curriculum_metrics(sampler, groups))
         metrics.update({f"reward/{k}": float(v) for k, v in reward_fn.pop_counters().items()})
-        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
-            metrics.update({f"eval/{k}": v for k, v in run_eval(step).items()})
         logger.log(step, metrics)
+        if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
+            run_eval(step)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}")
         bar.update(1)

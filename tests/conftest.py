@@ -52,3 +52,12 @@ def digit_model(tmp_path_factory) -> str:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+def subprocess_env() -> dict:
+    """The environment for child processes, minus the rendezvous variables that an in-process run
+    (rlpost.learner.init_distributed) set in this pytest process: a child must pick its own port."""
+    env = dict(os.environ)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env

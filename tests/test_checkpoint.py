@@ -60,5 +60,5 @@ def test_rng_and_sampler_round_trip(tmp_path):
 
 def test_sampler_covers_each_prompt_once_per_epoch():
     sampler = UniformSampler(5, seed=0)
-    first, second = sampler.next_batch(5), sampler.next_batch(5)
-    assert sorted(first) == sorted(second) == list(range(5)) and first != second
+    (first, k1), (second, _) = sampler.next_batch(5), sampler.next_batch(5)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second and k1 == [8] * 5

@@ -5,7 +5,7 @@ import pytest
 
 from rlpost.config import ConfigError, load_config
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 
 def write(tmp_path, text):
@@ -53,7 +53,7 @@ def test_missing_config_file(tmp_path):
     (["plot", "/nonexistent/run"], "no metrics.jsonl"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(args, needle):
-    proc = subprocess.run([sys.executable, "-m", "rlpost.cli", *args], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "rlpost.cli", *args], cwd=REPO, capture_output=True, text=True, env=subprocess_env(),
                           timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "error" in line]

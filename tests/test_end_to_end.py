@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6",
          "eval.num_prompts=4", "eval.pass_k=2", "train.micro_batch_size=4", "checkpoint.every=1",
@@ -15,7 +15,7 @@ SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_
 
 def rlpost(*args):
     cmd = [sys.executable, "-m", "rlpost.cli", *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -51,20 +51,23 @@ def test_cli_train_checkpoint_resume_eval_plot(tmp_path, digit_model):
     assert (run / "curves.png").stat().st_size > 10_000
 
 
-def _overrides(run_dir, steps, model):
+def _overrides(run_dir, steps, model, sampler):
     from rlpost.config import load_config
     return load_config(REPO / "configs" / "grpo_math.yaml",
-                       [*SMALL, f"model.name={model}", f"run.output_dir={run_dir}", f"train.max_steps={steps}", "eval.at_start=false"])
+                       [*SMALL, f"model.name={model}", f"run.output_dir={run_dir}", f"train.max_steps={steps}",
+                        "eval.at_start=false", f"curriculum.sampler={sampler}", "curriculum.init_rollouts=2"])
 
 
-def test_resume_is_exact(tmp_path, digit_model):
-    """2 steps + resume + 1 step gives bit-identical weights to 3 uninterrupted steps."""
+@pytest.mark.parametrize("sampler", ["uniform", "cures"])
+def test_resume_is_exact(tmp_path, digit_model, sampler):
+    """2 steps + resume + 1 step gives bit-identical weights to 3 uninterrupted steps (so the same
+    prompts were sampled: the sampler state, CurES posteriors included, survives the checkpoint)."""
     from rlpost.trainer import train
     from safetensors.torch import load_file
 
-    train(_overrides(tmp_path / "a", 3, digit_model), show_progress=False)
-    train(_overrides(tmp_path / "b", 2, digit_model), show_progress=False)
-    train(_overrides(tmp_path / "b", 3, digit_model), resume=str(tmp_path / "b" / "checkpoints" / "latest"), show_progress=False)
+    train(_overrides(tmp_path / "a", 3, digit_model, sampler), show_progress=False)
+    train(_overrides(tmp_path / "b", 2, digit_model, sampler), show_progress=False)
+    train(_overrides(tmp_path / "b", 3, digit_model, sampler), resume=str(tmp_path / "b" / "checkpoints" / "latest"), show_progress=False)
     a = load_file(tmp_path / "a" / "checkpoints" / "step_3" / "hf" / "model.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "step_3" / "hf" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -83,6 +86,6 @@ def test_two_ranks_with_the_deepspeed_launcher(tmp_path, digit_model):
                  "train.zero_stage=2", "grpo.dynamic_sampling=true")]
     if not (REPO / ".venv" / "bin" / "deepspeed").exists():
         pytest.skip("deepspeed launcher not in .venv")
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run / "checkpoints" / "latest").resolve().name == "step_3"

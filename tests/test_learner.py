@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 from rlpost.batch import pack, token_logprobs
 from rlpost.config import load_config
 from rlpost.trainer import make_loss_fn, make_micro_batches
@@ -87,7 +87,7 @@ def test_zero_stages_agree():
     """ZeRO 0, 2 and 3 take the same step from the same micro-batches (grads accumulate, not overwrite)."""
     out = {}
     for stage in (0, 2, 3):
-        proc = subprocess.run([sys.executable, "-c", STEP_SCRIPT % stage], cwd=REPO, capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", STEP_SCRIPT % stage], cwd=REPO, capture_output=True, text=True, env=subprocess_env(),
                               timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[stage] = json.loads(proc.stdout.strip().splitlines()[-1])
