@@ -3,26 +3,41 @@
 Every check runs in a separate worker process with a wall-clock limit: sympy can spin for minutes
 (or forever) on adversarial LaTeX, sometimes inside C code where no signal reaches it, so the only
 reliable limit is killing the worker. A timeout or any exception scores 0 and is counted.
+(math-verify's own signal timeouts are off inside the worker: they fail silently, so on a loaded
+machine they turned right answers into wrong ones without a trace.)
+
+An answer must be a value. math-verify evaluates the expression it extracts, so "To calculate
+7 + 1, you add them." scores as the answer 8; a real run learned exactly that, restating every
+question. An extracted answer with an arithmetic operator between two operands is not accepted.
 """
 from __future__ import annotations
 
-import math
 import multiprocessing as mp
+import re
 from dataclasses import dataclass, field
 
+_EXPRESSION = re.compile(r"[\d)}]\s*(?:[-+*×÷^]|\\times|\\cdot|\\div)\s*[\d({\\]")
 
-def _verify(response: str, answer: str, limit_s: int) -> tuple[bool, bool]:
-    """(correct, an answer could be extracted). Runs inside the worker process."""
+
+def is_value(extracted: str) -> bool:
+    """'42', '-3.5', '\\frac{1}{2}', '1,000', '1/2' are values; '7 + 1' and '(964 * 7) * 5' are expressions."""
+    return not _EXPRESSION.search(extracted)
+
+
+def _verify(response: str, answer: str) -> tuple[bool, bool]:
+    """(correct, a value could be extracted). Runs inside the worker process."""
     import logging
 
     from math_verify import parse, verify
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    gold = parse(answer, parsing_timeout=limit_s)
-    pred = parse(response, parsing_timeout=limit_s)
+    gold = parse(answer, parsing_timeout=None)
     if not gold:
         raise ValueError(f"reference answer {answer!r} could not be parsed")
-    return bool(pred) and verify(gold, pred, timeout_seconds=limit_s), bool(pred)
+    pred = parse(response, parsing_timeout=None)
+    if not pred or not is_value(str(pred[-1])):
+        return False, False
+    return bool(verify(gold, pred, timeout_seconds=None)), True
 
 
 @dataclass
@@ -44,13 +59,13 @@ class MathReward:
         if self._pool is None:
             # forkserver: the worker is a small clean process, not a fork of a big multithreaded trainer.
             self._pool = mp.get_context("forkserver").Pool(1)
+            self._pool.apply(_verify, ("1", "1"))  # warm up (imports, sympy caches) outside any time limit
         return self._pool
 
     def check(self, response: str, answer: str) -> tuple[bool, bool]:
         self.counters["checked"] += 1
-        inner_limit = max(1, math.ceil(self.timeout_s))
         try:
-            return self._worker().apply_async(_verify, (response, answer, inner_limit)).get(self.timeout_s)
+            return self._worker().apply_async(_verify, (response, answer)).get(self.timeout_s)
         except mp.TimeoutError:
             self.counters["timeouts"] += 1
             self.close()  # the worker may be stuck in C code: kill it, start a fresh one next call

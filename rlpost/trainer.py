@@ -221,6 +221,17 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
 
     tokenizer = load_tokenizer(cfg.model.name)
     train_set, test_set = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
+    sampler = make_sampler(cfg, len(train_set))
+    if resume_dir is not None:  # check that the checkpoint fits this config before loading any model
+        state = ckpt.load_trainer_state(resume_dir)
+        saved_model = state["config"]["model"]["name"]
+        if saved_model != cfg.model.name:
+            raise ckpt.CheckpointError(f"{resume_dir} was trained from model {saved_model!r}, "
+                                       f"but model.name is {cfg.model.name!r}")
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except (KeyError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{resume_dir}: its sampler state does not fit this config ({e})") from None
     learner = Learner(cfg)
     rank, world_size = world()
     is_main = rank == 0
@@ -230,7 +241,6 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     if cfg.grpo.beta > 0:  # the reference model costs memory and a forward pass; only when used
         reference = load_model(cfg.model.reference or cfg.model.name).to(learner.engine.device).eval()
     reward_fn = MathReward(timeout_s=cfg.reward.timeout_s, format_weight=cfg.reward.format_weight)
-    sampler = make_sampler(cfg, len(train_set))
     grad_norms_fn = None
     if cfg.curriculum.allocation == "grad_norm":
         def grad_norms_fn(samples):
@@ -239,10 +249,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
                      "skipped_rows": train_set.skipped + test_set.skipped}
     start_step = 0
     if resume_dir is not None:
-        state = ckpt.load_trainer_state(resume_dir)
         learner.load(resume_dir)
         learner.version = start_step = state["step"]
-        sampler.load_state_dict(state["sampler"])
         summary = state["summary"]
         ckpt.set_rng_state(state["rng"])
         engine.load_weights(learner.named_weights(), learner.version)
@@ -255,6 +263,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
 
     def run_eval(step: int) -> dict:
         result = evaluate(engine, test_set, reward_fn, **eval_kwargs)
+        result.update({f"reward_{k}": float(v) for k, v in reward_fn.pop_counters().items()})
         logger.log(step, {f"eval/{k}": v for k, v in result.items()})
         return result
 

@@ -40,6 +40,12 @@ def test_cli_train_checkpoint_resume_eval_plot(tmp_path, digit_model):
     assert train_steps == [1, 2, 3]
     assert any(r.get("grad_norm", 0) > 0 for r in rows), "rewards never varied: nothing was trained"
     assert "kl" in rows[-1] or "kl" in [r for r in rows if r.get("step") == 3 and "reward" in r][0]
+    # A checkpoint of another model is refused with one line, before anything is loaded or written.
+    wrong = subprocess.run([sys.executable, "-m", "rlpost.cli", *base, *sets("model.name=tiny-random"),
+                            "--resume", str(latest)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                           env=subprocess_env())
+    assert wrong.returncode == 2 and "was trained from model" in wrong.stderr, wrong.stderr[-2000:]
+    assert latest.resolve().name == "step_3"
     # The HF folder loads with plain transformers.
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(latest / "hf")
