@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def run(out: Path, sampler: str, seed: int, steps: int, eval_every: int, train_p
     from rlpost.trainer import train
 
     run_dir = out / f"{sampler}_seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: a stale run would mix in
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "grpo_math.yaml", [
         f"run.output_dir={run_dir}", f"run.seed={seed}", f"data.source={train_path}", f"data.test_source={test_path}",
         f"train.max_steps={steps}", f"eval.every={eval_every}", "checkpoint.every=0", "checkpoint.keep_last=1",
