@@ -50,6 +50,13 @@ def padded(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
+def _response_hidden(model: torch.nn.Module, batch: Packed) -> torch.Tensor:
+    """Final hidden states at the positions that score the response tokens, [N, T, d]."""
+    P, T = batch.prompt_width, batch.response_mask.shape[1]
+    return model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids).last_hidden_state[:, P - 1:P - 1 + T]
+
+
 def _head_chunk(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
     logits = lm_head(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
@@ -68,9 +75,7 @@ def token_logprobs(model: torch.nn.Module, batch: Packed, temperature: float = 1
     full [T, vocab] logits; only the hidden states are kept for backward.
     """
     P, T = batch.prompt_width, batch.response_mask.shape[1]
-    body = model.get_decoder()
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  position_ids=batch.position_ids).last_hidden_state[:, P - 1:P - 1 + T]
+    hidden = _response_hidden(model, batch)
     targets = batch.input_ids[:, P:P + T]
     lm_head = model.get_output_embeddings()
     logps, entropies = [], []
@@ -93,9 +98,8 @@ def head_gradient_norms(model: torch.nn.Module, batch: Packed, temperature: floa
     d/dW sum_t log softmax(W h_t / T)[y_t] = sum_t (e_{y_t} - p_t) h_t^T / T, so its squared norm is
     sum_{t,t'} <e_t - p_t, e_t' - p_t'> <h_t, h_t'> / T^2: two [T, T] Gram matrices, no [V, d] gradient.
     """
-    P, T = batch.prompt_width, batch.response_mask.shape[1]
-    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 position_ids=batch.position_ids).last_hidden_state[:, P - 1:P - 1 + T]
+    P = batch.prompt_width
+    hidden = _response_hidden(model, batch)
     lm_head = model.get_output_embeddings()
     norms = []
     for row in range(hidden.shape[0]):

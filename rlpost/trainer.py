@@ -131,11 +131,11 @@ def make_micro_batches(groups: list[Group], cfg: Config, pad_id: int, reference=
             ref_logp=ref_logp, temperature=cfg.rollout.temperature))
     global_tokens = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        totals = torch.tensor([global_tokens, len(micro_batches)], dtype=torch.float64)
-        most = totals[1:].clone()
-        torch.distributed.all_reduce(totals[:1])
+        tokens = torch.tensor([global_tokens], dtype=torch.float64)
+        most = torch.tensor([len(micro_batches)])
+        torch.distributed.all_reduce(tokens)
         torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        global_tokens = float(totals[0])
+        global_tokens = float(tokens)
         while len(micro_batches) < int(most):
             micro_batches.append(_empty_micro_batch(pad_id, cfg.rollout.temperature))
     return micro_batches, global_tokens
@@ -242,7 +242,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         reference = load_model(cfg.model.reference or cfg.model.name).to(learner.engine.device).eval()
     reward_fn = MathReward(timeout_s=cfg.reward.timeout_s, format_weight=cfg.reward.format_weight)
     grad_norms_fn = None
-    if cfg.curriculum.allocation == "grad_norm":
+    if cfg.curriculum.sampler == "cures" and cfg.curriculum.allocation == "grad_norm":  # an extra forward
         def grad_norms_fn(samples):
             return learner.head_gradient_norms(pack(samples, tokenizer.pad_token_id), cfg.rollout.temperature)
     summary: dict = {"train_prompts": len(train_set), "test_prompts": len(test_set),
