@@ -6,6 +6,7 @@ response starts at column P. The logits that score response token t live at colu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -50,11 +51,22 @@ def padded(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
-def _response_hidden(model: torch.nn.Module, batch: Packed) -> torch.Tensor:
+# (model, input_ids, attention_mask, position_ids) -> final hidden states [N, L, d]
+Decoder = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def hf_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor) -> torch.Tensor:
+    """The model's own decoder forward (autograd, or HF gradient checkpointing when enabled)."""
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state
+
+
+def _response_hidden(model: torch.nn.Module, batch: Packed, decoder: Decoder = hf_decoder) -> torch.Tensor:
     """Final hidden states at the positions that score the response tokens, [N, T, d]."""
     P, T = batch.prompt_width, batch.response_mask.shape[1]
-    return model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids).last_hidden_state[:, P - 1:P - 1 + T]
+    hidden = decoder(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+    return hidden[:, P - 1:P - 1 + T]
 
 
 def _head_chunk(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
@@ -66,16 +78,17 @@ def _head_chunk(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
     return logp, entropy
 
 
-def token_logprobs(model: torch.nn.Module, batch: Packed, temperature: float = 1.0,
-                   chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model: torch.nn.Module, batch: Packed, temperature: float = 1.0, chunk_size: int = 256,
+                   decoder: Decoder = hf_decoder) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log pi(y_t | s_t) of the responses, [N, T], and the per-token entropy (detached).
 
     Logits are divided by the sampling temperature (as at generation time). The vocabulary head
     runs on chunks of positions under activation checkpointing, so a long response never holds its
-    full [T, vocab] logits; only the hidden states are kept for backward.
+    full [T, vocab] logits; only the hidden states are kept for backward. Every backward mode goes
+    through this head; `decoder` picks how the hidden states are computed (e.g. StreamBP).
     """
     P, T = batch.prompt_width, batch.response_mask.shape[1]
-    hidden = _response_hidden(model, batch)
+    hidden = _response_hidden(model, batch, decoder)
     targets = batch.input_ids[:, P:P + T]
     lm_head = model.get_output_embeddings()
     logps, entropies = [], []

@@ -31,7 +31,6 @@ class RunConfig(Section):
 class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"  # hub id, local dir, smollm2-135m-instruct or tiny-random
     reference: str | None = None          # KL reference; defaults to `name`; loaded only if grpo.beta > 0
-    gradient_checkpointing: bool = False
 
 
 class ArithmeticConfig(Section):
@@ -105,6 +104,11 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(8, ge=1)   # sequences per forward/backward
     zero_stage: Literal[0, 2, 3] = 0
+    # How the decoder is back-propagated: plain autograd, HF gradient checkpointing (per layer),
+    # or StreamBP (rlpost/streambp.py: exact, sequence-chunked, for long responses).
+    backward: Literal["autograd", "checkpointing", "streambp"] = "autograd"
+    streambp_chunk_size: int = Field(512, ge=1)  # StreamBP rows per layer chunk
+    logits_chunk_size: int = Field(256, ge=1)    # positions per vocabulary-head chunk (every mode)
     deepspeed_config: str | None = None      # default: configs/deepspeed/zero{zero_stage}.json
 
 

@@ -7,6 +7,7 @@ have any number of micro-batches (dynamic sampling changes it), each `backward` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -15,9 +16,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from rlpost.batch import Packed, head_gradient_norms, token_logprobs
+from rlpost.batch import Decoder, Packed, head_gradient_norms, hf_decoder, token_logprobs
 from rlpost.config import Config, ConfigError
 from rlpost.models import load_model
+from rlpost.streambp import check_supported, streamed_decoder
 
 
 def init_distributed() -> None:
@@ -69,12 +71,14 @@ class LogprobPolicy(torch.nn.Module):
     """What DeepSpeed wraps: the HF model, with per-token log-probs as its forward. Going through the
     engine's forward matters: ZeRO counts micro-batches there to accumulate (not overwrite) gradients."""
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, decoder: Decoder = hf_decoder, logits_chunk_size: int = 256):
         super().__init__()
         self.lm = lm
+        self.decoder = decoder
+        self.logits_chunk_size = logits_chunk_size
 
     def forward(self, batch: Packed, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_logprobs(self.lm, batch, temperature)
+        return token_logprobs(self.lm, batch, temperature, self.logits_chunk_size, self.decoder)
 
 
 class Learner:
@@ -90,15 +94,22 @@ class Learner:
             from transformers.integrations import HfDeepSpeedConfig
             hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - kept alive by reference below
         model = load_model(cfg.model.name).to(device())
-        if cfg.model.gradient_checkpointing:
+        decoder = hf_decoder
+        if cfg.train.backward == "checkpointing":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif cfg.train.backward == "streambp":
+            try:
+                check_supported(model)
+            except ValueError as e:
+                raise ConfigError(f"train.backward=streambp: {e}") from None
+            decoder = functools.partial(streamed_decoder, chunk_size=cfg.train.streambp_chunk_size)
         model.config.use_cache = False
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                       betas=(0.9, 0.99))
         warmup = cfg.train.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=LogprobPolicy(model), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            model=LogprobPolicy(model, decoder, cfg.train.logits_chunk_size), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self._hf_ds_config = hf_ds_config
         self.model = self.engine.module.lm  # the HF model: HF parameter names, save_pretrained
         self.clip_norm = cfg.train.max_grad_norm if ds_config["gradient_clipping"] == 0.0 else None

@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/bench_curriculum.py --out runs/bench_curriculum [--seeds 0 1] [--steps 10]
 
-The pool (40 train prompts, so each is seen more than once) mixes trivially easy problems (1-digit +), learnable ones (1-digit *, 2-digit +) and far too
+The pool (40 train prompts, so each is seen more than once) mixes trivially easy problems (1-digit +),
+learnable ones (1-digit *, 2-digit +) and far too
 hard ones (3-digit x 2-digit). Every run trains SmolLM2-135M-Instruct with the same prompts per step
 and samples per step; CurES also pays for its difficulty pass (counted in its rollouts). Prints a
 table (held-out accuracy after each eval, rollouts used, zero-advantage fraction) and writes
@@ -44,28 +45,39 @@ def write_pool(out: Path, seed: int = 0) -> tuple[Path, Path]:
     return paths
 
 
-def run(out: Path, sampler: str, seed: int, steps: int, eval_every: int, train_path: Path, test_path: Path,
-        model: str, init_rollouts: int) -> dict:
-    from rlpost.trainer import train
-
-    run_dir = out / f"{sampler}_seed{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: a stale run would mix in
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "grpo_math.yaml", [
-        f"run.output_dir={run_dir}", f"run.seed={seed}", f"data.source={train_path}", f"data.test_source={test_path}",
-        f"train.max_steps={steps}", f"eval.every={eval_every}", "checkpoint.every=0", "checkpoint.keep_last=1",
-        f"curriculum.sampler={sampler}", f"model.name={model}", f"curriculum.init_rollouts={init_rollouts}"])
-    summary = train(cfg, show_progress=False)
+def summarise(run_dir: Path, sampler: str, seed: int, per_step_rollouts: int) -> dict:
+    """Everything the table needs, read back from the run's metrics.jsonl."""
     rows = read_metrics(run_dir)
-    per_step_rollouts = cfg.rollout.prompts_per_step * cfg.rollout.group_size
-    init_rollouts = summary.get("init_pass", {}).get("init/rollouts", 0.0)
+    init = next((r for r in rows if "init/rollouts" in r), {})
+    init_rollouts = init.get("init/rollouts", 0.0)
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     train_rows = [r for r in rows if "reward" in r]
     zero_adv = [1 - r["curriculum/effective_samples"] / per_step_rollouts for r in train_rows]
     return {"sampler": sampler, "seed": seed, "init_rollouts": init_rollouts,
             "curve": [(step, init_rollouts + step * per_step_rollouts, acc) for step, acc in evals],
             "zero_advantage_fraction": sum(zero_adv) / len(zero_adv),
-            "init_seconds": summary.get("init_pass", {}).get("init/seconds", 0.0),
-            "wall_s": summary["train_wall_s"]}
+            "init_seconds": init.get("init/seconds", 0.0),
+            "wall_s": rows[-1]["time"] - rows[0]["time"]}
+
+
+def run(out: Path, sampler: str, seed: int, steps: int, eval_every: int, train_path: Path, test_path: Path,
+        model: str, init_rollouts: int, reuse: bool) -> dict:
+    from rlpost.trainer import train
+
+    run_dir = out / f"{sampler}_seed{seed}"
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "grpo_math.yaml", [
+        f"run.output_dir={run_dir}", f"run.seed={seed}", f"data.source={train_path}", f"data.test_source={test_path}",
+        f"train.max_steps={steps}", f"eval.every={eval_every}", "checkpoint.every=0", "checkpoint.keep_last=1",
+        f"curriculum.sampler={sampler}", f"model.name={model}", f"curriculum.init_rollouts={init_rollouts}"])
+    per_step_rollouts = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    if reuse and (run_dir / "metrics.jsonl").exists():
+        rows = read_metrics(run_dir)
+        if any(r.get("step") == steps and "eval/accuracy" in r for r in rows):
+            print(f"reusing finished run {run_dir}")
+            return summarise(run_dir, sampler, seed, per_step_rollouts)
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: a stale run would mix in
+    train(cfg, show_progress=False)
+    return summarise(run_dir, sampler, seed, per_step_rollouts)
 
 
 def main() -> None:
@@ -76,12 +88,13 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--init-rollouts", type=int, default=2, help="CurES difficulty pass, per prompt")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="tiny-random for a smoke test")
+    parser.add_argument("--fresh", action="store_true", help="rerun runs that already finished in --out")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_path, test_path = write_pool(out)
     results = [run(out, sampler, seed, args.steps, args.eval_every, train_path, test_path, args.model,
-                   args.init_rollouts)
+                   args.init_rollouts, reuse=not args.fresh)
                for seed in args.seeds for sampler in ("uniform", "cures")]
     (out / "results.json").write_text(json.dumps(results, indent=2))
 

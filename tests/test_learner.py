@@ -74,7 +74,8 @@ from rlpost.learner import Learner
 from rlpost.trainer import make_loss_fn, make_micro_batches
 sys.path.insert(0, "tests")
 from test_learner import _groups
-cfg = load_config(None, ["model.name=tiny-random", "train.zero_stage=%d", "train.micro_batch_size=4", "train.lr=1e-3"])
+cfg = load_config(None, ["model.name=tiny-random", "train.zero_stage=%d", "train.micro_batch_size=4", "train.lr=1e-3",
+                         "train.backward=%s", "train.streambp_chunk_size=5"])
 learner = Learner(cfg)
 mbs, n = make_micro_batches(_groups(), cfg, pad_id=2)
 stats = learner.train_step(mbs, make_loss_fn(cfg, len(mbs), n))

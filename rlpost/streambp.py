@@ -1,0 +1,160 @@
+"""StreamBP (ALGORITHMS.md §7): exact backprop through the decoder, streamed along the sequence.
+
+The forward keeps only each layer's input hidden states. The backward walks the layers in reverse;
+for each layer it recomputes the output one chunk of rows [a, e) at a time from the layer input
+rows [0, e) (causality: nothing later is needed), and back-propagates that chunk's share of the
+output gradient. So at any moment one chunk's activations are alive, never a [T, T] mask or the
+activations of a whole layer. The vocabulary head is chunked separately (rlpost/batch.py).
+
+Because the streaming happens inside one autograd Function, the objective can be anything built
+on the returned hidden states: token-level (GRPO) or sequence-level (DPO) losses get the exact
+gradient without special cases, and DeepSpeed sees one ordinary backward per micro-batch. Each
+parameter receives its gradient once per micro-batch (earlier chunks are summed locally, the
+last chunk delivers the sum), so ZeRO's per-parameter reduction hooks fire once, as with autograd.
+
+Supported: decoder layers of the llama / mistral / qwen2 / qwen3 families as transformers ships
+them (pre-norm attention with rotary embeddings and a gated MLP), no attention dropout, no
+sliding window shorter than the sequence.
+"""
+from __future__ import annotations
+
+import contextlib
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_supported(model: torch.nn.Module, seq_len: int | None = None) -> None:
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"StreamBP supports model types {', '.join(SUPPORTED_MODEL_TYPES)}, not {cfg.model_type!r}")
+    if getattr(cfg, "attention_dropout", 0.0):
+        raise ValueError("StreamBP needs attention_dropout = 0 (dropout would have to be replayed per chunk)")
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if window is not None and seq_len is not None and seq_len > window:
+        raise ValueError(f"StreamBP does not implement sliding-window attention (window {window} < {seq_len} tokens)")
+
+
+def chunk_bounds(length: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Row ranges [a, e) of the chunks; the last one may be shorter."""
+    return [(a, min(a + chunk_size, length)) for a in range(0, length, chunk_size)]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+def layer_rows(layer: torch.nn.Module, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
+               key_mask: torch.Tensor) -> torch.Tensor:
+    """Output rows [start, e) of one decoder layer, from its input rows [0, e) (`x` is [N, e, d]).
+
+    Keys/values are recomputed for the whole prefix, queries only for the chunk. A row may attend to
+    earlier non-padding positions and to itself (so that padding rows stay finite; no real row ever
+    looks at them)."""
+    attn = layer.self_attn
+    n, end, _ = x.shape
+    head_dim = attn.head_dim
+    normed = layer.input_layernorm(x)
+    q = attn.q_proj(normed[:, start:]).view(n, end - start, -1, head_dim)
+    k = attn.k_proj(normed).view(n, end, -1, head_dim)
+    v = attn.v_proj(normed).view(n, end, -1, head_dim).transpose(1, 2)
+    if hasattr(attn, "q_norm"):  # qwen3 normalises each head before the rotation
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = _rotate(q.transpose(1, 2), cos[:, start:end], sin[:, start:end])
+    k = _rotate(k.transpose(1, 2), cos[:, :end], sin[:, :end])
+    rows = torch.arange(start, end, device=x.device).unsqueeze(1)
+    cols = torch.arange(end, device=x.device).unsqueeze(0)
+    allowed = ((cols <= rows).unsqueeze(0) & key_mask[:, None, :end]) | (cols == rows).unsqueeze(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1), scale=attn.scaling,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    h = x[:, start:] + attn.o_proj(out.transpose(1, 2).reshape(n, end - start, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+class _StreamedLayers(torch.autograd.Function):
+    """hidden [N, T, d] -> output of the last decoder layer, with the chunked forward and backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, layers, cos, sin, key_mask, chunk_size):
+        bounds = chunk_bounds(hidden.shape[1], chunk_size)
+        layer_inputs = []
+        x = hidden.detach()
+        for layer in layers:
+            layer_inputs.append(x)
+            x = torch.cat([layer_rows(layer, x[:, :e], a, cos, sin, key_mask) for a, e in bounds], dim=1)
+        ctx.layers, ctx.layer_inputs, ctx.bounds = layers, layer_inputs, bounds
+        ctx.save_for_backward(cos, sin, key_mask)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        cos, sin, key_mask = ctx.saved_tensors
+        d_out = grad_output
+        for index in reversed(range(len(ctx.layers))):
+            layer, x = ctx.layers[index], ctx.layer_inputs[index]
+            ctx.layer_inputs[index] = None  # free each stored input as soon as its layer is done
+            d_out = _layer_backward(layer, x, d_out, ctx.bounds, cos, sin, key_mask)
+        return d_out, None, None, None, None, None
+
+
+def _layer_backward(layer, x, d_out, bounds, cos, sin, key_mask) -> torch.Tensor:
+    """Accumulate the layer's parameter gradients and return d loss / d x, one chunk at a time."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    d_x = torch.zeros_like(x)
+    partial: list[torch.Tensor | None] = [None] * len(params)  # sums of the chunks before the last, >= fp32
+    with torch.enable_grad():
+        for i, (a, e) in enumerate(bounds):
+            x_prefix = x[:, :e].detach().requires_grad_()
+            if i < len(bounds) - 1:
+                y = layer_rows(layer, x_prefix, a, cos, sin, key_mask)
+                grads = torch.autograd.grad(y, [x_prefix, *params], d_out[:, a:e], allow_unused=True)
+                d_x[:, :e] += grads[0]
+                for j, g in enumerate(grads[1:]):
+                    if g is not None:
+                        partial[j] = (g.to(torch.promote_types(g.dtype, torch.float32)) if partial[j] is None
+                                      else partial[j].add_(g))
+                continue
+            # Last chunk: one real backward delivers this chunk's gradient plus the earlier chunks'
+            # sums (d/dp of <p, G> is G), so each parameter's gradient hook fires exactly once.
+            with _carry(layer, dict(zip(params, partial))) as carried:
+                y = layer_rows(layer, x_prefix, a, cos, sin, key_mask)
+            outputs = [y] + ([torch.stack(carried).sum()] if carried else [])
+            grad_outputs = [d_out[:, a:e]] + ([torch.ones((), dtype=y.dtype, device=y.device)] if carried else [])
+            torch.autograd.backward(outputs, grad_outputs, inputs=[x_prefix, *params])
+            d_x[:, :e] += x_prefix.grad
+    return d_x
+
+
+@contextlib.contextmanager
+def _carry(layer: torch.nn.Module, partial: dict[torch.nn.Parameter, torch.Tensor | None]):
+    """Collect the terms <p, G_p> while the layer's forward runs. They are formed inside each
+    submodule's forward, where ZeRO-3 has the parameter gathered (autograd records its full shape)."""
+    carried: list[torch.Tensor] = []
+
+    def hook(module, args):
+        for p in module.parameters(recurse=False):
+            if partial.get(p) is not None:
+                carried.append((p * partial[p].to(p.dtype)).sum())
+
+    handles = [m.register_forward_pre_hook(hook) for m in layer.modules()
+               if any(True for _ in m.parameters(recurse=False))]
+    try:
+        yield carried
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def streamed_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Final (normed) hidden states [N, T, d] of the decoder, computed with StreamBP. Under ZeRO-3
+    each submodule gathers its own parameters in its forward hooks, as in an ordinary forward."""
+    check_supported(model, input_ids.shape[1])
+    decoder = model.get_decoder()
+    embeds = decoder.embed_tokens(input_ids)
+    cos, sin = decoder.rotary_emb(embeds, position_ids)
+    hidden = _StreamedLayers.apply(embeds, decoder.layers, cos, sin, attention_mask.bool(), chunk_size)
+    return decoder.norm(hidden)

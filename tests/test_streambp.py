@@ -1,0 +1,205 @@
+"""StreamBP is exact: loss and every parameter gradient equal plain autograd (ALGORITHMS.md §7.8)."""
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from rlpost.algorithms import dpo, grpo
+from rlpost.batch import _head_chunk, hf_decoder, pack, token_logprobs
+from rlpost.streambp import chunk_bounds, streamed_decoder
+from rollout.types import FinishReason, Sample
+
+
+@pytest.fixture
+def true_float64_norms(monkeypatch):
+    """transformers' RMSNorm computes in float32 whatever the model dtype, so a float64 model is not
+    float64 throughout and two exact orderings of the same sums differ at 1e-8. For the float64
+    checks the norm runs in the input's dtype, so only summation order separates the two paths."""
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+
+
+def spec_model(seed: int, dtype=torch.float64):
+    """The spec's tiny model: 2 layers, d=16, 4 heads over 2 KV heads (GQA), vocabulary 50."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def spec_batch(vocab: int = 50, seed: int = 1):
+    """4 sequences, 37 columns: left-padded prompts (4-7 tokens), right-padded responses (9-30)."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for p, r in [(7, 30), (4, 25), (6, 9), (5, 30)]:
+        samples.append(Sample(torch.randint(3, vocab, (p,), generator=g).tolist(),
+                              torch.randint(3, vocab, (r,), generator=g).tolist(), [0.0] * r, FinishReason.STOP))
+    batch = pack(samples, pad_id=0)
+    assert batch.input_ids.shape[1] == 37 and (batch.attention_mask == 0).any()
+    return batch
+
+
+def grpo_objective(aggregation: str, beta: float, ratio_level: str = "token"):
+    def objective(logp, batch, ref_logp):
+        g = torch.Generator().manual_seed(3)  # float64 draws, so every dtype sees the same numbers
+        mask = batch.response_mask.to(logp.dtype)
+        advantages = torch.randn(logp.shape[0], generator=g, dtype=torch.float64).to(logp.dtype)
+        noise = 0.2 * torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.dtype)
+        logp_old = logp.detach() + noise  # ratios away from 1: some tokens are clipped
+        token_loss, _ = grpo.grpo_token_loss(logp, logp_old, advantages, mask, eps_low=0.2, eps_high=0.28,
+                                             beta=beta, logp_ref=ref_logp, ratio_level=ratio_level)
+        return grpo.aggregate(token_loss, mask, aggregation, grad_accum_steps=2, max_completion_length=30,
+                              global_tokens=float(mask.sum()) * 2)
+    return objective
+
+
+def dpo_objective(logp, batch, ref_logp):
+    """Rows (0, 1) and (2, 3) are (chosen, rejected) pairs."""
+    mask = batch.response_mask.to(logp.dtype)
+    seq, ref = dpo.sequence_logps(logp, mask), dpo.sequence_logps(ref_logp, mask)
+    return dpo.dpo_loss(seq[0::2], seq[1::2], ref[0::2], ref[1::2], beta=0.1)
+
+
+OBJECTIVES = {f"grpo-{agg}-beta{beta}": grpo_objective(agg, beta)
+              for agg in ("grpo", "bnpo", "dr_grpo", "dapo") for beta in (0.0, 0.1)}
+OBJECTIVES["gspo-sequence-ratio"] = grpo_objective("grpo", 0.0, "sequence")
+OBJECTIVES["dpo"] = dpo_objective
+
+
+def loss_and_grads(model, reference, objective, batch, decoder, logits_chunk, micro_batches=1):
+    """Loss and parameter gradients; with micro_batches=2 the rows are split and gradients accumulate."""
+    model.zero_grad()
+    with torch.no_grad():
+        ref_logp, _ = token_logprobs(reference, batch, 0.7)
+    total = 0.0
+    rows = torch.arange(batch.input_ids.shape[0]).chunk(micro_batches)
+    for idx in rows:
+        part = type(batch)(batch.input_ids[idx], batch.attention_mask[idx], batch.position_ids[idx],
+                           batch.response_mask[idx], batch.prompt_width)
+        logp, _ = token_logprobs(model, part, 0.7, chunk_size=logits_chunk, decoder=decoder)
+        loss = objective(logp, part, ref_logp[idx])
+        loss.backward()
+        total += loss.item()
+    return total, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_same(got, expected, rtol, atol):
+    loss, grads = got
+    loss_ref, grads_ref = expected
+    assert loss == pytest.approx(loss_ref, rel=rtol, abs=atol)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_exact_in_float64(objective, true_float64_norms):
+    model, reference = spec_model(0), spec_model(1)
+    batch = spec_batch()
+    expected = loss_and_grads(model, reference, OBJECTIVES[objective], batch, hf_decoder, logits_chunk=37)
+    for layer_chunk in (1, 5, 37):       # 5 does not divide 37
+        for logits_chunk in (1, 8):
+            got = loss_and_grads(model, reference, OBJECTIVES[objective], batch,
+                                 functools.partial(streamed_decoder, chunk_size=layer_chunk), logits_chunk)
+            assert_same(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["grpo-dapo-beta0.1", "dpo"])
+def test_exact_with_gradient_accumulation(objective, true_float64_norms):
+    model, reference = spec_model(0), spec_model(1)
+    batch = spec_batch()
+    expected = loss_and_grads(model, reference, OBJECTIVES[objective], batch, hf_decoder, 37, micro_batches=2)
+    got = loss_and_grads(model, reference, OBJECTIVES[objective], batch,
+                         functools.partial(streamed_decoder, chunk_size=5), 8, micro_batches=2)
+    assert_same(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _relative_errors(got, expected) -> dict[str, float]:
+    """||g - g_ref|| / ||g_ref|| per parameter tensor, and the loss's relative error under "loss"."""
+    errors = {name: float((got[1][name].double() - g.double()).norm() / g.double().norm().clamp(min=1e-30))
+              for name, g in expected[1].items()}
+    errors["loss"] = abs(got[0] - expected[0]) / max(abs(expected[0]), 1e-30)
+    return errors
+
+
+def _smollm2_slice(layers: int = 2):
+    from rlpost.models import load_model
+    model = load_model("smollm2-135m-instruct")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    return model
+
+
+@pytest.mark.parametrize("objective", ["grpo-dapo-beta0.1", "grpo-grpo-beta0.0", "dpo"])
+@pytest.mark.parametrize("which", ["tiny-random", "smollm2-2-layer-slice"])
+def test_exact_in_float32_on_real_architectures(which, objective, true_float64_norms):
+    """float32: StreamBP and autograd agree to 2e-5 in relative norm, and StreamBP is within 3x of
+    autograd's own distance to the same computation in float64 (the chunked sums round differently;
+    a mistake in the maths would be orders of magnitude larger)."""
+    from rlpost.models import load_model
+    if which == "tiny-random":
+        model, reference = load_model("tiny-random"), load_model("tiny-random")
+    else:
+        model, reference = _smollm2_slice(), _smollm2_slice()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a reference that differs from the policy, so the KL and DPO terms are live
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch, objective = spec_batch(vocab=model.config.vocab_size), OBJECTIVES[objective]
+    autograd = loss_and_grads(model, reference, objective, batch, hf_decoder, 8)
+    streamed = loss_and_grads(model, reference, objective, batch, functools.partial(streamed_decoder, chunk_size=5), 8)
+    truth = loss_and_grads(model.double(), reference.double(), objective, batch, hf_decoder, 8)
+    between = _relative_errors(streamed, autograd)
+    autograd_error, streamed_error = _relative_errors(autograd, truth), _relative_errors(streamed, truth)
+    for name, error in between.items():
+        assert error <= 2e-5, f"{name}: StreamBP vs autograd {error:.2e}"
+        assert streamed_error[name] <= max(2e-5, 3 * autograd_error[name]), \
+            f"{name}: StreamBP {streamed_error[name]:.2e} vs autograd {autograd_error[name]:.2e} from float64"
+
+
+def test_lm_head_chunking_spec_numbers():
+    """§7.8: token-mean CE with the global normaliser, in chunks of 2 positions, equals the full loss;
+    averaging per-chunk means (a per-chunk normaliser) does not."""
+    rng = np.random.default_rng(0)
+    H = torch.tensor(rng.normal(size=(6, 3)), requires_grad=True)
+    W = torch.tensor(rng.normal(size=(3, 5)))
+    y = torch.tensor(rng.integers(0, 5, size=6))
+    mask = torch.tensor([1, 1, 1, 1, 1, 0], dtype=torch.float64)
+    head = torch.nn.Linear(3, 5, bias=False).double()
+    with torch.no_grad():
+        head.weight.copy_(W.T)
+
+    def loss_of(chunk):
+        logp, _ = _head_chunk(head, H[chunk], y[chunk], 1.0)
+        return -(logp * mask[chunk]).sum() / 5.0
+
+    full = loss_of(slice(0, 6))
+    dW_full, dH_full = torch.autograd.grad(full, [head.weight, H])
+    chunks = [slice(a, e) for a, e in chunk_bounds(6, 2)]
+    chunked = sum(loss_of(c) for c in chunks)
+    dW_chunked, dH_chunked = torch.autograd.grad(chunked, [head.weight, H])
+    assert float(full) == pytest.approx(2.989778, abs=1e-6)
+    assert float(chunked) == pytest.approx(2.989778, abs=1e-6)
+    assert (dW_chunked - dW_full).abs().max() < 1e-15 and (dH_chunked - dH_full).abs().max() < 1e-15
+    per_chunk_means = [float(loss_of(c)) * 5.0 / float(mask[c].sum()) for c in chunks]
+    assert sum(per_chunk_means) / len(per_chunk_means) == pytest.approx(3.393744, abs=1e-6)
+
+
+def test_dpo_gradient_factor():
+    """§7.8: beta 0.1, c = (-20 - -24) - (-21 - -23) = 2 -> dL/dc = -0.045017."""
+    chosen = torch.tensor([-20.0], dtype=torch.float64, requires_grad=True)
+    loss = dpo.dpo_loss(chosen, torch.tensor([-21.0]), torch.tensor([-24.0]), torch.tensor([-23.0]), beta=0.1)
+    (grad,) = torch.autograd.grad(loss, chosen)  # dc/d chosen = 1
+    assert float(grad) == pytest.approx(-0.045017, abs=1e-6)
+
+
+def test_attention_work_of_the_chunk_schedule():
+    """§7.8: T=8, C=4 -> 16 + 32 = 48 score entries, against 64 for the full matrix."""
+    assert sum((e - a) * e for a, e in chunk_bounds(8, 4)) == 48
+    assert chunk_bounds(37, 5)[-1] == (35, 37)
