@@ -1,10 +1,10 @@
 """StreamBP (ALGORITHMS.md §7): exact backprop through the decoder, streamed along the sequence.
 
 The forward keeps only each layer's input hidden states. The backward walks the layers in reverse;
-for each layer it recomputes the output one chunk of rows [a, e) at a time from the layer input
-rows [0, e) (causality: nothing later is needed), and back-propagates that chunk's share of the
-output gradient. So at any moment one chunk's activations are alive, never a [T, T] mask or the
-activations of a whole layer. The vocabulary head is chunked separately (rlpost/batch.py).
+for each layer it recomputes the output one chunk of rows [a, e) at a time (causality: only keys
+and values of rows [0, e) are needed) and back-propagates that chunk's share of the output
+gradient. So at any moment one chunk's activations are alive, never a [T, T] mask or the full
+activations of a layer. The vocabulary head is chunked separately (rlpost/batch.py).
 
 Because the streaming happens inside one autograd Function, the objective can be anything built
 on the returned hidden states: token-level (GRPO) or sequence-level (DPO) losses get the exact
@@ -47,30 +47,37 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
-def layer_rows(layer: torch.nn.Module, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
-               key_mask: torch.Tensor) -> torch.Tensor:
-    """Output rows [start, e) of one decoder layer, from its input rows [0, e) (`x` is [N, e, d]).
-
-    Keys/values are recomputed for the whole prefix, queries only for the chunk. A row may attend to
-    earlier non-padding positions and to itself (so that padding rows stay finite; no real row ever
-    looks at them)."""
+def layer_keys_values(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The layer's normed input [N, L, d] and rotated keys / values [N, kv_heads, L, head_dim]."""
     attn = layer.self_attn
-    n, end, _ = x.shape
-    head_dim = attn.head_dim
+    n, length, _ = x.shape
     normed = layer.input_layernorm(x)
-    q = attn.q_proj(normed[:, start:]).view(n, end - start, -1, head_dim)
-    k = attn.k_proj(normed).view(n, end, -1, head_dim)
-    v = attn.v_proj(normed).view(n, end, -1, head_dim).transpose(1, 2)
-    if hasattr(attn, "q_norm"):  # qwen3 normalises each head before the rotation
-        q, k = attn.q_norm(q), attn.k_norm(k)
+    k = attn.k_proj(normed).view(n, length, -1, attn.head_dim)
+    if hasattr(attn, "k_norm"):  # qwen3 normalises each head before the rotation
+        k = attn.k_norm(k)
+    v = attn.v_proj(normed).view(n, length, -1, attn.head_dim).transpose(1, 2)
+    return normed, _rotate(k.transpose(1, 2), cos[:, :length], sin[:, :length]), v
+
+
+def layer_rows(layer: torch.nn.Module, x_rows: torch.Tensor, normed_rows: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor,
+               key_mask: torch.Tensor) -> torch.Tensor:
+    """Output rows [start, e) of one decoder layer from its input rows and normed rows [start, e) and
+    the keys / values of positions [0, e). A row attends to earlier non-padding positions and to
+    itself (so that padding rows stay finite; no real row ever looks at them)."""
+    attn = layer.self_attn
+    n, rows, _ = x_rows.shape
+    end = start + rows
+    q = attn.q_proj(normed_rows).view(n, rows, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
     q = _rotate(q.transpose(1, 2), cos[:, start:end], sin[:, start:end])
-    k = _rotate(k.transpose(1, 2), cos[:, :end], sin[:, :end])
-    rows = torch.arange(start, end, device=x.device).unsqueeze(1)
-    cols = torch.arange(end, device=x.device).unsqueeze(0)
-    allowed = ((cols <= rows).unsqueeze(0) & key_mask[:, None, :end]) | (cols == rows).unsqueeze(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1), scale=attn.scaling,
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    h = x[:, start:] + attn.o_proj(out.transpose(1, 2).reshape(n, end - start, -1))
+    row_pos = torch.arange(start, end, device=x_rows.device).unsqueeze(1)
+    col_pos = torch.arange(end, device=x_rows.device).unsqueeze(0)
+    allowed = ((col_pos <= row_pos).unsqueeze(0) & key_mask[:, None, :end]) | (col_pos == row_pos).unsqueeze(0)
+    out = F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], attn_mask=allowed.unsqueeze(1),
+                                         scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1])
+    h = x_rows + attn.o_proj(out.transpose(1, 2).reshape(n, rows, -1))
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
@@ -84,7 +91,9 @@ class _StreamedLayers(torch.autograd.Function):
         x = hidden.detach()
         for layer in layers:
             layer_inputs.append(x)
-            x = torch.cat([layer_rows(layer, x[:, :e], a, cos, sin, key_mask) for a, e in bounds], dim=1)
+            normed, k, v = layer_keys_values(layer, x, cos, sin)
+            x = torch.cat([layer_rows(layer, x[:, a:e], normed[:, a:e], k, v, a, cos, sin, key_mask)
+                           for a, e in bounds], dim=1)
         ctx.layers, ctx.layer_inputs, ctx.bounds = layers, layer_inputs, bounds
         ctx.save_for_backward(cos, sin, key_mask)
         return x
@@ -101,31 +110,53 @@ class _StreamedLayers(torch.autograd.Function):
 
 
 def _layer_backward(layer, x, d_out, bounds, cos, sin, key_mask) -> torch.Tensor:
-    """Accumulate the layer's parameter gradients and return d loss / d x, one chunk at a time."""
-    params = [p for p in layer.parameters() if p.requires_grad]
-    d_x = torch.zeros_like(x)
-    partial: list[torch.Tensor | None] = [None] * len(params)  # sums of the chunks before the last, >= fp32
+    """Accumulate the layer's parameter gradients and return d loss / d x.
+
+    Keys and values of the whole layer are computed once with their graph (O(T d), this layer only)
+    rather than re-projected for every chunk's prefix, which the reference does: the same gradients
+    without the (D + 1) / 2 extra key/value projections. The rest of the layer (queries, attention,
+    MLP) is recomputed and back-propagated one chunk of rows at a time; the gradients of the keys,
+    values and normed input are summed over chunks, then sent through their projections once."""
     with torch.enable_grad():
-        for i, (a, e) in enumerate(bounds):
-            x_prefix = x[:, :e].detach().requires_grad_()
+        x_leaf = x.detach().requires_grad_()
+        normed, k, v = layer_keys_values(layer, x_leaf, cos, sin)
+    leaves = [t.detach().requires_grad_() for t in (normed, k, v)]
+    d_leaves = [torch.zeros_like(t) for t in leaves]
+    d_x = torch.zeros_like(x)
+    row_params = [p for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.post_attention_layernorm,
+                              layer.mlp, getattr(layer.self_attn, "q_norm", None)) if m is not None
+                  for p in m.parameters() if p.requires_grad]
+    partial: list[torch.Tensor | None] = [None] * len(row_params)  # sums over chunks but the last, >= fp32
+    for i, (a, e) in enumerate(bounds):
+        with torch.enable_grad():
+            x_rows = x[:, a:e].detach().requires_grad_()
+            normed_rows, k_prefix, v_prefix = leaves[0][:, a:e], leaves[1][:, :, :e], leaves[2][:, :, :e]
+            inputs = [x_rows, *leaves]
             if i < len(bounds) - 1:
-                y = layer_rows(layer, x_prefix, a, cos, sin, key_mask)
-                grads = torch.autograd.grad(y, [x_prefix, *params], d_out[:, a:e], allow_unused=True)
-                d_x[:, :e] += grads[0]
-                for j, g in enumerate(grads[1:]):
+                y = layer_rows(layer, x_rows, normed_rows, k_prefix, v_prefix, a, cos, sin, key_mask)
+                grads = torch.autograd.grad(y, inputs + row_params, d_out[:, a:e], allow_unused=True)
+                for j, g in enumerate(grads[len(inputs):]):
                     if g is not None:
                         partial[j] = (g.to(torch.promote_types(g.dtype, torch.float32)) if partial[j] is None
                                       else partial[j].add_(g))
-                continue
-            # Last chunk: one real backward delivers this chunk's gradient plus the earlier chunks'
-            # sums (d/dp of <p, G> is G), so each parameter's gradient hook fires exactly once.
-            with _carry(layer, dict(zip(params, partial))) as carried:
-                y = layer_rows(layer, x_prefix, a, cos, sin, key_mask)
-            outputs = [y] + ([torch.stack(carried).sum()] if carried else [])
-            grad_outputs = [d_out[:, a:e]] + ([torch.ones((), dtype=y.dtype, device=y.device)] if carried else [])
-            torch.autograd.backward(outputs, grad_outputs, inputs=[x_prefix, *params])
-            d_x[:, :e] += x_prefix.grad
-    return d_x
+            else:
+                # Last chunk: one real backward delivers this chunk's gradient plus the earlier chunks'
+                # sums (d/dp of <p, G> is G), so each parameter's gradient hook fires exactly once.
+                with _carry(layer, dict(zip(row_params, partial))) as carried:
+                    y = layer_rows(layer, x_rows, normed_rows, k_prefix, v_prefix, a, cos, sin, key_mask)
+                outputs = [y] + ([torch.stack(carried).sum()] if carried else [])
+                ones = [torch.ones((), dtype=y.dtype, device=y.device)] if carried else []
+                torch.autograd.backward(outputs, [d_out[:, a:e]] + ones, inputs=inputs + row_params)
+                grads = [t.grad for t in inputs]
+        d_x[:, a:e] += grads[0]
+        for d, g in zip(d_leaves, grads[1:4]):
+            if g is not None:
+                d += g
+    # Keys, values and the normed input: one backward through the projections and the input norm.
+    row_ids = {id(p) for p in row_params}
+    kv_params = [p for p in layer.parameters() if p.requires_grad and id(p) not in row_ids]
+    torch.autograd.backward([normed, k, v], d_leaves, inputs=[x_leaf, *kv_params])
+    return d_x + x_leaf.grad
 
 
 @contextlib.contextmanager

@@ -95,3 +95,26 @@ def test_two_ranks_with_the_deepspeed_launcher(tmp_path, digit_model):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run / "checkpoints" / "latest").resolve().name == "step_3"
+
+
+def test_streambp_trains_like_autograd(tmp_path, digit_model):
+    """Same seed, same config, train.backward autograd vs streambp: the same loss and gradient-norm
+    curve up to float noise (the rollouts coincide because the weights do)."""
+    from rlpost.config import load_config
+    from rlpost.metrics import read_metrics
+    from rlpost.trainer import train
+
+    curves = {}
+    for backward in ("autograd", "streambp"):
+        cfg = load_config(REPO / "configs" / "grpo_math.yaml",
+                          [*SMALL, f"model.name={digit_model}", f"run.output_dir={tmp_path / backward}",
+                           "train.max_steps=3", "eval.at_start=false", "checkpoint.every=0", "grpo.beta=0.04",
+                           f"train.backward={backward}", "train.streambp_chunk_size=4"])
+        train(cfg, show_progress=False)
+        curves[backward] = [(r["reward"], r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / backward)
+                            if "reward" in r]
+    assert len(curves["autograd"]) == 3
+    for (reward_a, loss_a, norm_a), (reward_s, loss_s, norm_s) in zip(curves["autograd"], curves["streambp"]):
+        assert reward_s == reward_a
+        assert loss_s == pytest.approx(loss_a, rel=1e-4, abs=1e-6)
+        assert norm_s == pytest.approx(norm_a, rel=1e-4)

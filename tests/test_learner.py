@@ -85,13 +85,15 @@ print(json.dumps({"grad_norm": stats["grad_norm"], "q": weights["model.layers.0.
 
 
 def test_zero_stages_agree():
-    """ZeRO 0, 2 and 3 take the same step from the same micro-batches (grads accumulate, not overwrite)."""
+    """ZeRO 0, 2 and 3 take the same step from the same micro-batches (grads accumulate, not overwrite),
+    with autograd and with StreamBP (whose parameters get their gradient once per micro-batch)."""
     out = {}
-    for stage in (0, 2, 3):
-        proc = subprocess.run([sys.executable, "-c", STEP_SCRIPT % stage], cwd=REPO, capture_output=True, text=True, env=subprocess_env(),
-                              timeout=600)
+    for stage, backward in ((0, "autograd"), (2, "autograd"), (3, "autograd"), (2, "streambp"), (3, "streambp")):
+        proc = subprocess.run([sys.executable, "-c", STEP_SCRIPT % (stage, backward)], cwd=REPO, capture_output=True,
+                              text=True, env=subprocess_env(), timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out[stage] = json.loads(proc.stdout.strip().splitlines()[-1])
-    for stage in (2, 3):
-        assert out[stage]["grad_norm"] == pytest.approx(out[0]["grad_norm"], rel=1e-4)
-        assert torch.allclose(torch.tensor(out[stage]["q"]), torch.tensor(out[0]["q"]), atol=1e-6)
+        out[stage, backward] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = out[0, "autograd"]
+    for key, result in out.items():
+        assert result["grad_norm"] == pytest.approx(base["grad_norm"], rel=1e-4), key
+        assert torch.allclose(torch.tensor(result["q"]), torch.tensor(base["q"]), atol=1e-6), key
