@@ -65,6 +65,14 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_batch_size: int = Field(64, ge=1)    # sequences generated at once
+    # sync: generate every group of the step to the end. april: active partial rollouts
+    # (rollout/april.py): submit `april_submit_groups` groups (N', default 2 * prompts_per_step),
+    # train on the first prompts_per_step that finish, keep the rest for the next step.
+    scheduler: Literal["sync", "april"] = "sync"
+    april_submit_groups: int | None = Field(None, ge=1)
+    off_policy: Literal["ignore", "mask_stale", "tis"] = "ignore"  # stale tokens of resumed samples
+    tis_cap: float = Field(2.0, gt=0)        # C of the truncated importance weight (off_policy: tis)
+    tokens_per_step: int = Field(8, ge=1)    # hf engine under APRIL: tokens per streaming step
 
 
 class CurriculumConfig(Section):

@@ -17,7 +17,7 @@ import torch
 from rlpost import checkpoint as ckpt
 from rlpost.algorithms import grpo
 from rlpost.batch import Packed, pack, padded, token_logprobs
-from rlpost.config import Config, dump_config
+from rlpost.config import Config, ConfigError, dump_config
 from rlpost.curriculum import CuresSampler, UniformSampler
 from rlpost.data import PromptSet, load_prompt_sets
 from rlpost.evaluate import evaluate
@@ -25,7 +25,8 @@ from rlpost.learner import Learner, world
 from rlpost.metrics import MetricsLogger, progress_bar
 from rlpost.models import load_model, load_tokenizer
 from rewards.math import MathReward
-from rollout.engine import make_engine
+from rollout.april import AprilScheduler, pending_group
+from rollout.engine import StreamingEngine, make_engine
 from rollout.types import FinishReason, Group, Sample, SamplingParams
 
 
@@ -35,6 +36,7 @@ class MicroBatch:
     advantages: torch.Tensor          # [N]
     loss_mask: torch.Tensor           # [N, T]
     behaviour_logp: torch.Tensor      # [N, T] log-probs stored at sampling time
+    versions: torch.Tensor            # [N, T] policy version that sampled each token
     ref_logp: torch.Tensor | None     # [N, T] when grpo.beta > 0
     temperature: float
 
@@ -62,6 +64,28 @@ def rollout(engine, prompts: PromptSet, prompt_ids: list[int], group_sizes: list
     samples = iter(engine.generate(requests, SamplingParams(r.max_new_tokens, r.temperature, r.top_p)))
     return [Group(prompt_id=i, prompt=prompts.problems[i].question, answer=prompts.problems[i].answer,
                   samples=[next(samples) for _ in range(k)]) for i, k in zip(prompt_ids, group_sizes)]
+
+
+def make_april(engine, cfg: Config) -> AprilScheduler:
+    if not isinstance(engine, StreamingEngine):
+        raise ConfigError(f"rollout.scheduler=april needs a streaming engine; {type(engine).__name__} is not one")
+    if world()[1] > 1:
+        raise ConfigError("rollout.scheduler=april runs on one rank in this build (each rank would need its own "
+                          "buffer and prompt stream)")
+    r = cfg.rollout
+    return AprilScheduler(engine, r.prompts_per_step, r.april_submit_groups, max_new_tokens=r.max_new_tokens,
+                          params=SamplingParams(r.max_new_tokens, r.temperature, r.top_p))
+
+
+def april_rollout(april: AprilScheduler, sampler, prompts: PromptSet, version: int) -> tuple[list[Group], dict]:
+    """B finished groups from the APRIL scheduler; fresh groups come from the sampler (CurES sizes them)."""
+    def fresh(n: int) -> list[Group]:
+        ids, sizes = sampler.next_batch(n)
+        return [pending_group(i, prompts.problems[i].question, prompts.problems[i].answer, prompts.prompt_ids[i], k)
+                for i, k in zip(ids, sizes)]
+
+    groups, stats = april.rollout(fresh, version)
+    return groups, {f"april/{k}": v for k, v in stats.items()}
 
 
 def score(groups: list[Group], reward_fn: MathReward, cfg: Config) -> None:
@@ -104,9 +128,11 @@ def difficulty_pass(engine, sampler, prompts: PromptSet, reward_fn: MathReward, 
             "init/seconds": time.time() - start}
 
 
-def make_micro_batches(groups: list[Group], cfg: Config, pad_id: int, reference=None) -> tuple[list[MicroBatch], float]:
+def make_micro_batches(groups: list[Group], cfg: Config, pad_id: int, reference=None,
+                       current_version: int = 0) -> tuple[list[MicroBatch], float]:
     """Advantages over (ragged) groups, then fixed-size micro-batches. Returns them and N_glob, the
-    loss-token total of the whole batch, known before any backward (dapo needs it).
+    loss-token total of the whole batch, known before any backward (dapo needs it). With
+    off_policy=mask_stale, tokens sampled before `current_version` carry no loss (nor count in N_glob).
 
     With several ranks, every rank must run the same number of backward passes (each one is a
     collective under ZeRO), so ranks with fewer micro-batches get empty ones (all-zero loss mask)."""
@@ -121,13 +147,17 @@ def make_micro_batches(groups: list[Group], cfg: Config, pad_id: int, reference=
         chunk = samples[start:start + size]
         packed = pack(chunk, pad_id)
         keep = torch.tensor(keep_mask[start:start + size], dtype=torch.float32).unsqueeze(-1)
+        versions = padded([s.versions for s in chunk], packed.response_mask.shape[1]).long()
+        loss_mask = packed.response_mask * keep
+        if cfg.rollout.off_policy == "mask_stale":
+            loss_mask = grpo.off_policy_mask(loss_mask, versions, current_version)
         ref_logp = None
         if reference is not None:
             with torch.no_grad():
                 ref_logp = token_logprobs(reference, packed, cfg.rollout.temperature)[0].float()
         micro_batches.append(MicroBatch(
-            packed=packed, advantages=advantages[start:start + size], loss_mask=packed.response_mask * keep,
-            behaviour_logp=padded([s.logprobs for s in chunk], packed.response_mask.shape[1]),
+            packed=packed, advantages=advantages[start:start + size], loss_mask=loss_mask,
+            behaviour_logp=padded([s.logprobs for s in chunk], packed.response_mask.shape[1]), versions=versions,
             ref_logp=ref_logp, temperature=cfg.rollout.temperature))
     global_tokens = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -145,7 +175,8 @@ def _empty_micro_batch(pad_id: int, temperature: float) -> MicroBatch:
     """A one-token micro-batch that contributes nothing: it only keeps the ranks' collectives in step."""
     packed = pack([Sample([pad_id], [pad_id], [0.0], FinishReason.STOP)], pad_id)
     return MicroBatch(packed=packed, advantages=torch.zeros(1), loss_mask=torch.zeros(1, 1),
-                      behaviour_logp=torch.zeros(1, 1), ref_logp=torch.zeros(1, 1), temperature=temperature)
+                      behaviour_logp=torch.zeros(1, 1), versions=torch.zeros(1, 1, dtype=torch.long),
+                      ref_logp=torch.zeros(1, 1), temperature=temperature)
 
 
 def make_loss_fn(cfg: Config, num_micro_batches: int, global_tokens: float):
@@ -158,6 +189,9 @@ def make_loss_fn(cfg: Config, num_micro_batches: int, global_tokens: float):
             logp, logp.detach(), mb.advantages.to(logp.device), mask, eps_low=g.eps_low, eps_high=g.eps_high,
             beta=g.beta, logp_ref=None if mb.ref_logp is None else mb.ref_logp.to(logp.device),
             ratio_level=g.ratio_level)
+        if cfg.rollout.off_policy == "tis":  # reweight by min(pi / pi_behaviour, C): stale tokens sampled elsewhere
+            token_loss = token_loss * grpo.truncated_importance_weight(
+                logp, mb.behaviour_logp.to(logp.device), cfg.rollout.tis_cap)
         loss = grpo.aggregate(token_loss, mask, g.aggregation, grad_accum_steps=num_micro_batches,
                               max_completion_length=cfg.rollout.max_new_tokens, global_tokens=global_tokens,
                               num_processes=world()[1])
@@ -236,7 +270,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     rank, world_size = world()
     is_main = rank == 0
     engine = make_engine(cfg.rollout.engine, load_model(cfg.model.name).to(learner.engine.device), tokenizer,
-                         max_batch_size=cfg.rollout.max_batch_size)
+                         max_batch_size=cfg.rollout.max_batch_size, tokens_per_step=cfg.rollout.tokens_per_step)
+    april = make_april(engine, cfg) if cfg.rollout.scheduler == "april" else None
     reference = None
     if cfg.grpo.beta > 0:  # the reference model costs memory and a forward pass; only when used
         reference = load_model(cfg.model.reference or cfg.model.name).to(learner.engine.device).eval()
@@ -253,6 +288,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         learner.version = start_step = state["step"]
         summary = state["summary"]
         ckpt.set_rng_state(state["rng"])
+        if april is not None:
+            april.load_state_dict(state.get("april", {"buffer": []}))
         engine.load_weights(learner.named_weights(), learner.version)
     if is_main:
         dump_config(cfg, run_dir / "config.yaml")
@@ -276,9 +313,13 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     run_start, last_checkpoint = time.time(), None
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.time()
-        prompt_ids, group_sizes = sampler.next_batch(cfg.rollout.prompts_per_step * world_size)
-        prompt_ids, group_sizes = prompt_ids[rank::world_size], group_sizes[rank::world_size]
-        groups = rollout(engine, train_set, prompt_ids, group_sizes, cfg)
+        rollout_stats: dict = {}
+        if april is not None:
+            groups, rollout_stats = april_rollout(april, sampler, train_set, learner.version)
+        else:
+            prompt_ids, group_sizes = sampler.next_batch(cfg.rollout.prompts_per_step * world_size)
+            prompt_ids, group_sizes = prompt_ids[rank::world_size], group_sizes[rank::world_size]
+            groups = rollout(engine, train_set, prompt_ids, group_sizes, cfg)
         rollout_s = time.time() - t0
         score(groups, reward_fn, cfg)
         update_sampler(sampler, groups, cfg, grad_norms_fn)
@@ -287,7 +328,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
                                        [len(g.samples) for g in groups])
         train_groups = [g for g, k in zip(groups, kept) if k] if cfg.grpo.dynamic_sampling else groups
         train_stats: dict = {"skipped_update": 1.0}
-        micro_batches, global_tokens = make_micro_batches(train_groups, cfg, tokenizer.pad_token_id, reference)
+        micro_batches, global_tokens = make_micro_batches(train_groups, cfg, tokenizer.pad_token_id, reference,
+                                                          learner.version)
         if micro_batches:  # empty on every rank when no group had any reward variance
             train_stats = learner.train_step(micro_batches, make_loss_fn(cfg, len(micro_batches), global_tokens))
             t_sync = time.time()
@@ -296,6 +338,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
 
         metrics = step_metrics(groups, kept, train_stats, rollout_s, time.time() - t0)
         metrics.update(curriculum_metrics(sampler, groups))
+        metrics.update(rollout_stats)
         metrics.update({f"reward/{k}": float(v) for k, v in reward_fn.pop_counters().items()})
         logger.log(step, metrics)
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
@@ -305,6 +348,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         bar.update(1)
         if step == cfg.train.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             state = {"sampler": sampler.state_dict(), "summary": summary, "config": cfg.model_dump()}
+            if april is not None:  # partial samples and prompts not yet trained on
+                state["april"] = april.state_dict()
             last_checkpoint = ckpt.save_checkpoint(run_dir, step, learner, tokenizer, state, cfg.checkpoint.keep_last)
     bar.close()
 

@@ -1,4 +1,10 @@
-"""Rollout with transformers `generate` (KV cache, batched, left-padded). Reference engine and fallback."""
+"""Rollout with transformers `generate` (KV cache, batched, left-padded). Reference engine and fallback.
+
+It also serves a stream of requests for APRIL (`add_request` / `step` / `abort`): each `step`
+generates the next `tokens_per_step` tokens of every running request in one batched call (the
+prompt and the tokens so far are re-encoded; there is no cache across steps), and returns the
+requests that stopped or used up their budget. vLLM does the same per token with a live cache.
+"""
 from __future__ import annotations
 
 from typing import Iterable
@@ -10,8 +16,10 @@ from rollout.types import FinishReason, Sample, SamplingParams
 
 
 class HFEngine:
-    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int = 64):
+    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int = 64, tokens_per_step: int = 8):
         self.model = model.eval()
+        self.tokens_per_step = tokens_per_step
+        self._running: dict[str, tuple[SamplingParams, Sample]] = {}
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.version = 0
@@ -74,6 +82,44 @@ class HFEngine:
                 finish_reason=finish, versions=[self.version] * length,
                 text=self.tokenizer.decode(response, skip_special_tokens=True)))
         return samples
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self._running:
+            raise ValueError(f"request {request_id!r} is already running")
+        self._running[request_id] = (params, Sample(list(prompt_ids), [], [], FinishReason.ABORT))
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[str, Sample]]:
+        if not self._running:
+            return []
+        ids = list(self._running)
+        first = self._running[ids[0]][0]
+        chunk = SamplingParams(self.tokens_per_step, first.temperature, first.top_p)
+        outs = self._generate_all([s.prompt_ids + s.response_ids for _, s in self._running.values()], chunk)
+        finished = []
+        for request_id, out in zip(ids, outs):
+            params, sample = self._running[request_id]
+            budget = params.max_new_tokens - len(sample.response_ids)
+            take = min(len(out.response_ids), budget)  # a prefix of a sample is a sample
+            sample.response_ids += out.response_ids[:take]
+            sample.logprobs += out.logprobs[:take]
+            sample.versions += out.versions[:take]
+            if out.finish_reason == FinishReason.STOP and len(out.response_ids) <= budget:
+                sample.finish_reason = FinishReason.STOP
+            elif len(sample.response_ids) >= params.max_new_tokens:
+                sample.finish_reason = FinishReason.LENGTH
+            else:
+                continue
+            finished.append((request_id, self._finish(request_id)))
+        return finished
+
+    def abort(self, request_id: str) -> Sample:
+        return self._finish(request_id)  # finish_reason stays ABORT
+
+    def _finish(self, request_id: str) -> Sample:
+        _, sample = self._running.pop(request_id)
+        sample.text = self.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
+        return sample
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

@@ -118,3 +118,24 @@ def test_streambp_trains_like_autograd(tmp_path, digit_model):
         assert reward_s == reward_a
         assert loss_s == pytest.approx(loss_a, rel=1e-4, abs=1e-6)
         assert norm_s == pytest.approx(norm_a, rel=1e-4)
+
+
+def test_april_trains_checkpoints_and_resumes_its_buffer(tmp_path, digit_model):
+    """rollout.scheduler=april on the hf engine: steps train on finished groups, unfinished ones
+    wait in the buffer, the buffer is saved with the checkpoint and served first after resume."""
+    from rlpost.checkpoint import load_trainer_state
+    from rlpost.metrics import read_metrics
+
+    run = tmp_path / "run"
+    base = ["train", "configs/grpo_math.yaml", "--no-progress",
+            *sets(*SMALL, f"model.name={digit_model}", f"run.output_dir={run}", "eval.at_start=false",
+                  "rollout.scheduler=april", "rollout.tokens_per_step=2", "rollout.off_policy=mask_stale")]
+    rlpost(*base, *sets("train.max_steps=2"))
+    state = load_trainer_state(run / "checkpoints" / "latest")
+    buffered = state["april"]["buffer"]
+    assert len(buffered) == 2  # N' - B groups wait (N' = 2B = 4)
+    rlpost(*base, *sets("train.max_steps=3"), "--resume", str(run / "checkpoints" / "latest"))
+    rows = [r for r in read_metrics(run) if "april/groups_finished" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["april/groups_finished"] == 2 and r["april/groups_submitted"] >= 2 for r in rows)
+    assert rows[0]["april/stale_fraction"] == 0.0  # nothing can be stale in the first step

@@ -95,6 +95,17 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, mode: Aggregation, *
     raise ValueError(f"unknown aggregation {mode!r}")
 
 
+def off_policy_mask(mask: torch.Tensor, versions: torch.Tensor, current_version: int) -> torch.Tensor:
+    """APRIL `mask_stale`: keep the loss only on tokens sampled by the current policy version."""
+    return mask * (versions >= current_version).to(mask.dtype)
+
+
+def truncated_importance_weight(logp: torch.Tensor, logp_behaviour: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """APRIL `tis`: min(pi / pi_behaviour, C) per token from the stored sampling log-probs; a constant
+    weight on the token loss (no gradient flows through it)."""
+    return torch.exp(logp.detach() - logp_behaviour).clamp(max=cap)
+
+
 def overlong_penalty(length: torch.Tensor, max_len: int, cache_len: int) -> torch.Tensor:
     """DAPO soft length penalty: 0 up to max_len - cache_len, then linear down to -1 at max_len, -1 beyond."""
     length = length.double()

@@ -1,0 +1,140 @@
+"""APRIL active partial rollouts (ALGORITHMS.md §2): over-provision, take the first B finished groups,
+abort the rest and keep their partial work for the next step.
+
+    submit : while (groups in flight or accepted) < B, submit a wave of N' groups, buffered groups
+             first (FIFO), fresh prompts for the rest
+    accept : groups in completion order (a group is done when every member stopped or hit L_max);
+             an optional filter (dynamic sampling) drops a done group, which lets another wave in
+    stop   : at B accepted groups, abort every request in flight; every unfinished group goes back
+             to the buffer whole: finished members keep their response, partial members their prefix
+    resume : from token ids, prompt + prefix, with max_new_tokens = L_max - tokens already generated
+
+Every generated token keeps its behaviour log-prob and the policy version that sampled it, so the
+trainer can measure staleness and mask or reweight stale tokens (rlpost/algorithms/grpo.py).
+The engine is any StreamingEngine (rollout/engine.py). Evaluation must not go through this class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections import deque
+from typing import Callable
+
+from rollout.engine import StreamingEngine
+from rollout.types import FinishReason, Group, Sample, SamplingParams
+
+DONE = (FinishReason.STOP, FinishReason.LENGTH)
+
+
+def pending_group(prompt_id: int, prompt: str, answer: str, prompt_ids: list[int], size: int) -> Group:
+    """A fresh group: `size` members with nothing generated yet."""
+    return Group(prompt_id, prompt, answer,
+                 [Sample(list(prompt_ids), [], [], FinishReason.ABORT, versions=[]) for _ in range(size)])
+
+
+def is_done(group: Group) -> bool:
+    return all(s.finish_reason in DONE for s in group.samples)
+
+
+def stale_fraction(groups: list[Group], version: int) -> float:
+    """Share of response tokens sampled by an older policy than `version`, from per-token versions."""
+    versions = [v for g in groups for s in g.samples for v in s.versions]
+    return sum(v < version for v in versions) / max(len(versions), 1)
+
+
+class AprilScheduler:
+    def __init__(self, engine: StreamingEngine, target_groups: int, submit_groups: int | None = None, *,
+                 max_new_tokens: int, params: SamplingParams,
+                 accept: Callable[[Group], bool] | None = None):
+        self.engine = engine
+        self.target_groups = target_groups                      # B
+        self.submit_groups = submit_groups or 2 * target_groups  # N', the wave size
+        if self.submit_groups < target_groups:
+            raise ValueError(f"APRIL needs N' >= B, got N'={self.submit_groups} < B={target_groups}")
+        self.max_new_tokens = max_new_tokens                    # L_max, for a response in total
+        self.params = params
+        self.accept = accept
+        self.buffer: deque[Group] = deque()
+        self._request_ids = itertools.count()
+
+    def rollout(self, fresh: Callable[[int], list[Group]], version: int) -> tuple[list[Group], dict[str, float]]:
+        """Exactly B finished (and accepted) groups, in completion order, plus the step's metrics.
+        `fresh(n)` returns up to n new pending groups; `version` is the engine's policy version."""
+        start = time.perf_counter()
+        accepted: list[Group] = []
+        rejected: list[Group] = []  # dropped by the filter, not recycled (as the reference does)
+        submitted: list[Group] = []
+        in_flight: dict[str, tuple[Group, int]] = {}
+        counted = 0  # groups in flight or accepted, as §2.3 counts them
+        stats = {"groups_submitted": 0.0, "tokens_generated": 0.0}
+        done_queue: list[Group] = []
+        while len(accepted) < self.target_groups:
+            while counted < self.target_groups:
+                wave = [self.buffer.popleft() for _ in range(min(self.submit_groups, len(self.buffer)))]
+                wave += fresh(self.submit_groups - len(wave))
+                if not wave:
+                    raise RuntimeError("APRIL: no prompts left to submit")
+                for group in wave:
+                    submitted.append(group)
+                    self._submit(group, in_flight)
+                    if is_done(group):  # every member already finished (or out of budget)
+                        done_queue.append(group)
+                counted += len(wave)
+                stats["groups_submitted"] += len(wave)
+            if not done_queue:
+                for request_id, out in self.engine.step():
+                    group, member = in_flight.pop(request_id)
+                    stats["tokens_generated"] += self._merge(group.samples[member], out, version)
+                    if is_done(group):
+                        done_queue.append(group)
+            while done_queue and len(accepted) < self.target_groups:
+                group = done_queue.pop(0)
+                if self.accept is None or self.accept(group):
+                    accepted.append(group)
+                else:
+                    rejected.append(group)
+                    counted -= 1
+        waited = time.perf_counter() - start
+        for request_id, (group, member) in list(in_flight.items()):
+            stats["tokens_generated"] += self._merge(group.samples[member], self.engine.abort(request_id), version)
+        used = {id(g) for g in accepted + rejected}
+        recycled = [g for g in submitted if id(g) not in used]  # in submission order: FIFO
+        self.buffer.extend(recycled)
+        stats.update(groups_finished=float(len(accepted)), groups_rejected=float(len(rejected)),
+                     groups_recycled=float(len(recycled)),
+                     buffer_size=float(len(self.buffer)), stale_fraction=stale_fraction(accepted, version),
+                     rollout_s=waited)
+        return accepted, stats
+
+    def _submit(self, group: Group, in_flight: dict[str, tuple[Group, int]]) -> None:
+        for member, sample in enumerate(group.samples):
+            if sample.finish_reason in DONE:
+                continue  # finished members are never regenerated
+            budget = self.max_new_tokens - len(sample.response_ids)
+            if budget <= 0:
+                sample.finish_reason = FinishReason.LENGTH
+                continue
+            request_id = f"april-{next(self._request_ids)}"
+            params = dataclasses.replace(self.params, max_new_tokens=budget)
+            self.engine.add_request(request_id, sample.prompt_ids + sample.response_ids, params)
+            in_flight[request_id] = (group, member)
+
+    @staticmethod
+    def _merge(sample: Sample, out: Sample, version: int) -> int:
+        """Append what a request generated to the member it continues; returns the number of tokens."""
+        sample.response_ids += out.response_ids
+        sample.logprobs += out.logprobs
+        sample.versions += out.versions or [version] * len(out.response_ids)
+        sample.finish_reason = out.finish_reason
+        return len(out.response_ids)
+
+    def state_dict(self) -> dict:
+        """The buffer (partial work and prompts not yet trained on) is part of the checkpoint."""
+        return {"buffer": [dataclasses.asdict(g) for g in self.buffer]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer = deque(
+            Group(g["prompt_id"], g["prompt"], g["answer"],
+                  [Sample(**{**s, "finish_reason": FinishReason(s["finish_reason"])}) for s in g["samples"]])
+            for g in state["buffer"])

@@ -1,0 +1,196 @@
+"""APRIL on a deterministic fake engine: the toy schedule of ALGORITHMS.md §2.10, step by step."""
+import torch
+
+from rlpost.algorithms import grpo
+from rollout.april import AprilScheduler, pending_group, stale_fraction
+from rollout.types import FinishReason, Sample, SamplingParams
+
+
+class ToyEngine:
+    """Unlimited concurrency, one token per tick per running request. A request's prompt is
+    [prompt_id, member, *prefix]; that member stops by itself after `targets[prompt_id][member]`
+    response tokens in total. Tokens are 100 + their position; log-probs are -0.1 * version."""
+
+    def __init__(self, targets):
+        self.targets = targets
+        self.version = 1
+        self.running = {}  # request id -> [prompt ids, new tokens, max_new_tokens]
+        self.max_new_tokens_seen = []
+
+    def add_request(self, request_id, prompt_ids, params):
+        self.running[request_id] = [prompt_ids, [], params.max_new_tokens]
+        self.max_new_tokens_seen.append((prompt_ids[0], prompt_ids[1], params.max_new_tokens))
+
+    def _sample(self, request_id, reason):
+        prompt, new, _ = self.running.pop(request_id)
+        return Sample(prompt, new, [-0.1 * self.version] * len(new), reason, versions=[self.version] * len(new))
+
+    def step(self):
+        finished = []
+        for request_id, (prompt, new, budget) in list(self.running.items()):
+            already = len(prompt) - 2
+            new.append(100 + already + len(new))
+            if already + len(new) >= self.targets[prompt[0]][prompt[1]]:
+                finished.append((request_id, self._sample(request_id, FinishReason.STOP)))
+            elif len(new) >= budget:
+                finished.append((request_id, self._sample(request_id, FinishReason.LENGTH)))
+        return finished
+
+    def abort(self, request_id):
+        return self._sample(request_id, FinishReason.ABORT)
+
+    def generate(self, prompts, params):
+        raise NotImplementedError
+
+    def load_weights(self, named_tensors, version):
+        self.version = version
+
+
+def fresh_from(prompt_ids):
+    queue = list(prompt_ids)
+
+    def fresh(n):
+        taken, queue[:] = queue[:n], queue[n:]
+        return [pending_group(p, f"P{p}", "", [p], 2) for p in taken]
+    return fresh
+
+
+def lengths(group):
+    return [(len(s.response_ids), s.finish_reason) for s in group.samples]
+
+
+def test_toy_schedule_of_the_spec():
+    targets = {1: [3, 4], 2: [2, 9], 3: [5, 6], 4: [12, 7], 5: [2, 3], 6: [8, 8], 7: [1, 1], 8: [1, 1]}
+    engine = ToyEngine(targets)
+    april = AprilScheduler(engine, target_groups=2, submit_groups=4, max_new_tokens=10,
+                           params=SamplingParams(temperature=1.0))
+    # the toy prompt ids carry the member index, as the ToyEngine expects
+    fresh = fresh_from([1, 2, 3, 4, 5, 6, 7, 8])
+
+    def with_members(n):
+        groups = fresh(n)
+        for g in groups:
+            for member, s in enumerate(g.samples):
+                s.prompt_ids = [g.prompt_id, member]
+        return groups
+
+    # Step 1, policy v1: P1 done at tick 4, P3 at tick 6 -> accepted; abort at tick 6.
+    accepted, stats = april.rollout(with_members, version=1)
+    assert [g.prompt_id for g in accepted] == [1, 3]
+    assert [g.prompt_id for g in april.buffer] == [2, 4]
+    P2, P4 = april.buffer
+    assert lengths(P2) == [(2, FinishReason.STOP), (6, FinishReason.ABORT)]
+    assert lengths(P4) == [(6, FinishReason.ABORT), (6, FinishReason.ABORT)]
+    assert stats["groups_submitted"] == 4 and stats["groups_recycled"] == 2 and stats["stale_fraction"] == 0.0
+
+    # Step 2, policy v2: wave [P2, P4, P5, P6]. P2b resumes with budget 4 (needs 3), P2a is not
+    # regenerated; P4a gets budget 4; P2 and P5 finish at tick 3.
+    engine.version = 2
+    engine.max_new_tokens_seen.clear()
+    accepted, stats = april.rollout(with_members, version=2)
+    assert (2, 1, 4) in engine.max_new_tokens_seen and (4, 0, 4) in engine.max_new_tokens_seen
+    assert not any(p == 2 and m == 0 for p, m, _ in engine.max_new_tokens_seen)
+    assert [g.prompt_id for g in accepted] == [2, 5]
+    assert [g.prompt_id for g in april.buffer] == [4, 6]
+    P4, P6 = april.buffer
+    assert lengths(P4) == [(9, FinishReason.ABORT), (7, FinishReason.STOP)]
+    assert lengths(P6) == [(3, FinishReason.ABORT), (3, FinishReason.ABORT)]
+    P2b = accepted[0].samples[1]
+    assert P2b.response_ids == [100 + t for t in range(9)]  # prefix + continuation, token by token
+    assert P2b.versions == [1] * 6 + [2] * 3
+
+    # The training batch of step 2: 16 response tokens, 8 of them sampled by v1.
+    samples = [s for g in accepted for s in g.samples]
+    assert sum(len(s.response_ids) for s in samples) == 16
+    assert stats["stale_fraction"] == 0.5 == stale_fraction(accepted, 2)
+    width = max(len(s.response_ids) for s in samples)
+    mask = torch.zeros(len(samples), width)
+    versions = torch.zeros(len(samples), width, dtype=torch.long)
+    for i, s in enumerate(samples):
+        mask[i, :len(s.versions)] = 1
+        versions[i, :len(s.versions)] = torch.tensor(s.versions)
+    assert grpo.off_policy_mask(mask, versions, current_version=2).sum() == 8
+
+    # Step 3 resumes P4a with max_new_tokens = 1.
+    engine.version = 3
+    engine.max_new_tokens_seen.clear()
+    april.rollout(with_members, version=3)
+    assert (4, 0, 1) in engine.max_new_tokens_seen
+
+
+def test_buffer_round_trips_through_state_dict():
+    targets = {1: [3, 4], 2: [2, 9], 3: [5, 6], 4: [12, 7]}
+    engine = ToyEngine(targets)
+    april = AprilScheduler(engine, 2, 4, max_new_tokens=10, params=SamplingParams())
+    groups = [pending_group(p, f"P{p}", "", [p], 2) for p in (1, 2, 3, 4)]
+    for g in groups:
+        for member, s in enumerate(g.samples):
+            s.prompt_ids = [g.prompt_id, member]
+    april.rollout(lambda n: [groups.pop(0) for _ in range(min(n, len(groups)))], version=1)
+    restored = AprilScheduler(engine, 2, 4, max_new_tokens=10, params=SamplingParams())
+    restored.load_state_dict(april.state_dict())
+    assert [lengths(g) for g in restored.buffer] == [lengths(g) for g in april.buffer]
+    assert [g.samples[1].versions for g in restored.buffer] == [g.samples[1].versions for g in april.buffer]
+
+
+def test_dynamic_sampling_filter_drops_groups_and_submits_another_wave():
+    targets = {p: [1, 2] for p in range(1, 20)}
+    engine = ToyEngine(targets)
+    april = AprilScheduler(engine, 2, 2, max_new_tokens=10, params=SamplingParams(),
+                           accept=lambda g: g.prompt_id % 2 == 0)  # odd prompts are "all-equal rewards"
+    fresh = fresh_from(range(1, 20))
+
+    def with_members(n):
+        groups = fresh(n)
+        for g in groups:
+            for member, s in enumerate(g.samples):
+                s.prompt_ids = [g.prompt_id, member]
+        return groups
+
+    accepted, stats = april.rollout(with_members, version=1)
+    assert [g.prompt_id for g in accepted] == [2, 4]
+    assert stats["groups_rejected"] == 2 and stats["groups_submitted"] == 4
+    assert not april.buffer  # rejected groups are dropped, not recycled
+
+
+def test_truncated_importance_weight():
+    """TIS: min(pi_train / pi_behaviour, C) per token, C = 2, no gradient."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    behaviour = torch.tensor([[-1.0, -3.0, -0.1]])
+    w = grpo.truncated_importance_weight(logp, behaviour, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[1.0, 2.0, torch.exp(torch.tensor(-0.4))]]))
+    assert not w.requires_grad
+
+
+def test_hf_engine_abort_and_resume_is_prefix_plus_continuation():
+    """The real engine: abort mid-generation keeps the partial tokens; resuming from prompt + prefix
+    gives, greedily, exactly the tokens of an uninterrupted generation."""
+    from rlpost.models import load_model, load_tokenizer
+    from rollout.hf_engine import HFEngine
+
+    tokenizer = load_tokenizer("tiny-random")
+    model = load_model("tiny-random")
+    torch.manual_seed(0)
+    with torch.no_grad():  # large random weights: greedy tokens change at every position
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    engine = HFEngine(model, tokenizer, tokens_per_step=3)
+    prompt = tokenizer("What is 3 + 4?")["input_ids"]
+    greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
+    (whole,) = engine.generate([prompt], greedy)
+    assert len(set(whole.response_ids)) > 5
+
+    engine.add_request("a", prompt, greedy)
+    assert engine.step() == [] or len(whole.response_ids) <= 3
+    partial = engine.abort("a")
+    assert partial.finish_reason == FinishReason.ABORT and partial.response_ids == whole.response_ids[:3]
+    assert len(partial.logprobs) == len(partial.versions) == 3
+
+    engine.add_request("b", prompt + partial.response_ids, SamplingParams(max_new_tokens=7, temperature=0.0))
+    finished = []
+    while not finished:
+        finished = engine.step()
+    (_, rest), = finished
+    assert partial.response_ids + rest.response_ids == whole.response_ids
+    assert tokenizer.decode(partial.response_ids + rest.response_ids, skip_special_tokens=True) == whole.text
+    assert rest.finish_reason == whole.finish_reason
