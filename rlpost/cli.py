@@ -78,7 +78,7 @@ def _cmd_eval(args) -> int:
     from rlpost.config import load_config
     from rlpost.data import load_prompt_sets
     from rlpost.evaluate import evaluate
-    from rlpost.models import load_model, load_tokenizer
+    from rlpost.models import load_tokenizer
     from rewards.math import MathReward
     from rollout.engine import make_engine
 
@@ -88,7 +88,7 @@ def _cmd_eval(args) -> int:
     model_path = str(resolve_checkpoint(path) / "hf") if path.exists() and not is_hf_folder else args.checkpoint
     tokenizer = load_tokenizer(model_path)
     _, test_set = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
-    engine = make_engine(cfg.rollout.engine, load_model(model_path), tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    engine = make_engine(cfg.rollout.engine, model_path, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
     reward_fn = MathReward(timeout_s=cfg.reward.timeout_s)
     result = evaluate(engine, test_set, reward_fn, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                       num_prompts=cfg.eval.num_prompts, pass_k=cfg.eval.pass_k,

@@ -4,7 +4,9 @@ The forward keeps only each layer's input hidden states. The backward walks the 
 for each layer it recomputes the output one chunk of rows [a, e) at a time (causality: only keys
 and values of rows [0, e) are needed) and back-propagates that chunk's share of the output
 gradient. So at any moment one chunk's activations are alive, never a [T, T] mask or the full
-activations of a layer. The vocabulary head is chunked separately (rlpost/batch.py).
+activations of a layer. The vocabulary head is chunked separately (rlpost/batch.py). Unlike the
+reference, which re-projects keys/values of the prefix for every chunk, a layer's keys/values
+are projected once per backward and kept while that layer is processed (see _layer_backward).
 
 Because the streaming happens inside one autograd Function, the objective can be anything built
 on the returned hidden states: token-level (GRPO) or sequence-level (DPO) losses get the exact
@@ -19,6 +21,7 @@ sliding window shorter than the sequence.
 from __future__ import annotations
 
 import contextlib
+
 import torch
 import torch.nn.functional as F
 

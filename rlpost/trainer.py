@@ -269,8 +269,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     learner = Learner(cfg)
     rank, world_size = world()
     is_main = rank == 0
-    engine = make_engine(cfg.rollout.engine, load_model(cfg.model.name).to(learner.engine.device), tokenizer,
-                         max_batch_size=cfg.rollout.max_batch_size, tokens_per_step=cfg.rollout.tokens_per_step)
+    engine = make_engine(cfg.rollout.engine, cfg.model.name, tokenizer, learner.engine.device,
+                         max_batch_size=cfg.rollout.max_batch_size, tokens_per_step=cfg.rollout.tokens_per_step,
+                         seed=cfg.run.seed)
     april = make_april(engine, cfg) if cfg.rollout.scheduler == "april" else None
     reference = None
     if cfg.grpo.beta > 0:  # the reference model costs memory and a forward pass; only when used

