@@ -14,6 +14,7 @@ from typing import Iterable
 
 import torch
 
+from rlpost.errors import UserError
 from rollout.types import FinishReason, Sample, SamplingParams
 
 
@@ -38,7 +39,11 @@ class VLLMEngine:
                           seed=seed, max_num_seqs=max_batch_size, max_model_len=max_model_len,
                           logprobs_mode="processed_logprobs", enforce_eager=True, enable_prefix_caching=False,
                           disable_log_stats=True, gpu_memory_utilization=0.3 if cuda else 0.9)
-        self.engine = LLMEngine.from_engine_args(args)
+        try:
+            self.engine = LLMEngine.from_engine_args(args)
+        except (RuntimeError, ValueError) as e:  # e.g. a head size the CPU attention kernels lack
+            raise UserError(f"rollout.engine=vllm: vLLM cannot serve {model_dir}: {str(e).splitlines()[-1]} "
+                            "(use rollout.engine=hf)") from None
         self.tokenizer = tokenizer
         self.version = 0
         self._latest: dict[str, object] = {}   # request id -> its newest (cumulative) RequestOutput

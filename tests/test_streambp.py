@@ -17,21 +17,37 @@ def true_float64_norms(monkeypatch):
     float64 throughout and two exact orderings of the same sums differ at 1e-8. For the float64
     checks the norm runs in the input's dtype, so only summation order separates the two paths."""
     from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
+    from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen3 import modeling_qwen3
 
     def forward(self, x):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+    for norm in (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm,
+                 modeling_qwen3.Qwen3RMSNorm):
+        monkeypatch.setattr(norm, "forward", forward)
 
 
-def spec_model(seed: int, dtype=torch.float64):
-    """The spec's tiny model: 2 layers, d=16, 4 heads over 2 KV heads (GQA), vocabulary 50."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def spec_model(seed: int, dtype=torch.float64, family: str = "llama"):
+    """The spec's tiny model: 2 layers, d=16, 4 heads over 2 KV heads (GQA), vocabulary 50; in the
+    llama layout or another family StreamBP supports (qwen2: q/k/v biases; qwen3: per-head q/k norms)."""
+    import transformers
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg).to(dtype)
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+    cfg = config_class(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=4,
+                       attn_implementation="sdpa")
+    model = model_class(cfg).to(dtype)
+    with torch.no_grad():  # biases and norm weights away from their 0 / 1 init, so mistakes show
+        for name, p in model.named_parameters():
+            if "bias" in name or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
 
 
 def spec_batch(vocab: int = 50, seed: int = 1):
@@ -108,6 +124,16 @@ def test_exact_in_float64(objective, true_float64_norms):
             got = loss_and_grads(model, reference, OBJECTIVES[objective], batch,
                                  functools.partial(streamed_decoder, chunk_size=layer_chunk), logits_chunk)
             assert_same(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_exact_on_other_model_families(family, true_float64_norms):
+    model, reference = spec_model(0, family=family), spec_model(1, family=family)
+    batch = spec_batch()
+    expected = loss_and_grads(model, reference, OBJECTIVES["grpo-dapo-beta0.1"], batch, hf_decoder, 37)
+    got = loss_and_grads(model, reference, OBJECTIVES["grpo-dapo-beta0.1"], batch,
+                         functools.partial(streamed_decoder, chunk_size=5), 8)
+    assert_same(got, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("objective", ["grpo-dapo-beta0.1", "dpo"])
