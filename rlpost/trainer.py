@@ -77,14 +77,18 @@ def make_april(engine, cfg: Config) -> AprilScheduler:
                           params=SamplingParams(r.max_new_tokens, r.temperature, r.top_p))
 
 
-def april_rollout(april: AprilScheduler, sampler, prompts: PromptSet, version: int) -> tuple[list[Group], dict]:
-    """B finished groups from the APRIL scheduler; fresh groups come from the sampler (CurES sizes them)."""
+def april_rollout(april: AprilScheduler, sampler, prompts: PromptSet, version: int,
+                  tokenizer) -> tuple[list[Group], dict]:
+    """B finished groups from the APRIL scheduler; fresh groups come from the sampler (CurES sizes them).
+    A resumed response was generated in pieces, so its text is decoded here from all its token ids."""
     def fresh(n: int) -> list[Group]:
         ids, sizes = sampler.next_batch(n)
         return [pending_group(i, prompts.problems[i].question, prompts.problems[i].answer, prompts.prompt_ids[i], k)
                 for i, k in zip(ids, sizes)]
 
     groups, stats = april.rollout(fresh, version)
+    for sample in (s for g in groups for s in g.samples):
+        sample.text = tokenizer.decode(sample.response_ids, skip_special_tokens=True)
     return groups, {f"april/{k}": v for k, v in stats.items()}
 
 
@@ -316,7 +320,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         t0 = time.time()
         rollout_stats: dict = {}
         if april is not None:
-            groups, rollout_stats = april_rollout(april, sampler, train_set, learner.version)
+            groups, rollout_stats = april_rollout(april, sampler, train_set, learner.version, tokenizer)
         else:
             prompt_ids, group_sizes = sampler.next_batch(cfg.rollout.prompts_per_step * world_size)
             prompt_ids, group_sizes = prompt_ids[rank::world_size], group_sizes[rank::world_size]

@@ -139,3 +139,27 @@ def test_april_trains_checkpoints_and_resumes_its_buffer(tmp_path, digit_model):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["april/groups_finished"] == 2 and r["april/groups_submitted"] >= 2 for r in rows)
     assert rows[0]["april/stale_fraction"] == 0.0  # nothing can be stale in the first step
+    assert sum(r["reward"] for r in rows) > 0  # the responses' text reached the verifier
+
+
+def test_april_rollout_decodes_resumed_responses_whole(digit_model):
+    """A response generated in pieces (aborted, recycled, resumed) is scored on the text of all its
+    tokens, not on the empty text of the pending sample it started as."""
+    from rlpost.config import load_config
+    from rlpost.curriculum import UniformSampler
+    from rlpost.data import load_prompt_sets
+    from rlpost.models import load_tokenizer
+    from rlpost.trainer import april_rollout, make_april
+    from rollout.engine import make_engine
+
+    cfg = load_config(REPO / "configs" / "grpo_math.yaml", [*SMALL, f"model.name={digit_model}",
+                                                            "rollout.tokens_per_step=2"])
+    tokenizer = load_tokenizer(digit_model)
+    train_set, _ = load_prompt_sets(cfg.data, tokenizer, 0)
+    april = make_april(make_engine("hf", digit_model, tokenizer, tokens_per_step=2), cfg)
+    sampler = UniformSampler(len(train_set), 0, cfg.rollout.group_size)
+    for version in range(3):
+        groups, _ = april_rollout(april, sampler, train_set, version, tokenizer)
+        for s in (s for g in groups for s in g.samples):
+            assert s.text == tokenizer.decode(s.response_ids, skip_special_tokens=True)
+            assert s.response_ids  # every member generated something
