@@ -83,6 +83,8 @@ class AprilScheduler:
                 counted += len(wave)
                 stats["groups_submitted"] += len(wave)
             if not done_queue:
+                if not in_flight:  # cannot happen with a correct engine; never spin forever
+                    raise RuntimeError("APRIL: no finished group and no request in flight")
                 for request_id, out in self.engine.step():
                     group, member = in_flight.pop(request_id)
                     stats["tokens_generated"] += self._merge(group.samples[member], out, version)
