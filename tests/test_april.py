@@ -46,12 +46,20 @@ class ToyEngine:
         self.version = version
 
 
+def toy_group(prompt_id):
+    """A pending group of 2 whose members' prompts are [prompt_id, member], as the ToyEngine expects."""
+    group = pending_group(prompt_id, f"P{prompt_id}", "", [prompt_id], 2)
+    for member, s in enumerate(group.samples):
+        s.prompt_ids = [prompt_id, member]
+    return group
+
+
 def fresh_from(prompt_ids):
     queue = list(prompt_ids)
 
     def fresh(n):
         taken, queue[:] = queue[:n], queue[n:]
-        return [pending_group(p, f"P{p}", "", [p], 2) for p in taken]
+        return [toy_group(p) for p in taken]
     return fresh
 
 
@@ -64,18 +72,10 @@ def test_toy_schedule_of_the_spec():
     engine = ToyEngine(targets)
     april = AprilScheduler(engine, target_groups=2, submit_groups=4, max_new_tokens=10,
                            params=SamplingParams(temperature=1.0))
-    # the toy prompt ids carry the member index, as the ToyEngine expects
     fresh = fresh_from([1, 2, 3, 4, 5, 6, 7, 8])
 
-    def with_members(n):
-        groups = fresh(n)
-        for g in groups:
-            for member, s in enumerate(g.samples):
-                s.prompt_ids = [g.prompt_id, member]
-        return groups
-
     # Step 1, policy v1: P1 done at tick 4, P3 at tick 6 -> accepted; abort at tick 6.
-    accepted, stats = april.rollout(with_members, version=1)
+    accepted, stats = april.rollout(fresh, version=1)
     assert [g.prompt_id for g in accepted] == [1, 3]
     assert [g.prompt_id for g in april.buffer] == [2, 4]
     P2, P4 = april.buffer
@@ -87,7 +87,7 @@ def test_toy_schedule_of_the_spec():
     # regenerated; P4a gets budget 4; P2 and P5 finish at tick 3.
     engine.version = 2
     engine.max_new_tokens_seen.clear()
-    accepted, stats = april.rollout(with_members, version=2)
+    accepted, stats = april.rollout(fresh, version=2)
     assert (2, 1, 4) in engine.max_new_tokens_seen and (4, 0, 4) in engine.max_new_tokens_seen
     assert not any(p == 2 and m == 0 for p, m, _ in engine.max_new_tokens_seen)
     assert [g.prompt_id for g in accepted] == [2, 5]
@@ -114,7 +114,7 @@ def test_toy_schedule_of_the_spec():
     # Step 3 resumes P4a with max_new_tokens = 1.
     engine.version = 3
     engine.max_new_tokens_seen.clear()
-    april.rollout(with_members, version=3)
+    april.rollout(fresh, version=3)
     assert (4, 0, 1) in engine.max_new_tokens_seen
 
 
@@ -122,11 +122,7 @@ def test_buffer_round_trips_through_state_dict():
     targets = {1: [3, 4], 2: [2, 9], 3: [5, 6], 4: [12, 7]}
     engine = ToyEngine(targets)
     april = AprilScheduler(engine, 2, 4, max_new_tokens=10, params=SamplingParams())
-    groups = [pending_group(p, f"P{p}", "", [p], 2) for p in (1, 2, 3, 4)]
-    for g in groups:
-        for member, s in enumerate(g.samples):
-            s.prompt_ids = [g.prompt_id, member]
-    april.rollout(lambda n: [groups.pop(0) for _ in range(min(n, len(groups)))], version=1)
+    april.rollout(fresh_from([1, 2, 3, 4]), version=1)
     restored = AprilScheduler(engine, 2, 4, max_new_tokens=10, params=SamplingParams())
     restored.load_state_dict(april.state_dict())
     assert [lengths(g) for g in restored.buffer] == [lengths(g) for g in april.buffer]
@@ -140,14 +136,7 @@ def test_dynamic_sampling_filter_drops_groups_and_submits_another_wave():
                            accept=lambda g: g.prompt_id % 2 == 0)  # odd prompts are "all-equal rewards"
     fresh = fresh_from(range(1, 20))
 
-    def with_members(n):
-        groups = fresh(n)
-        for g in groups:
-            for member, s in enumerate(g.samples):
-                s.prompt_ids = [g.prompt_id, member]
-        return groups
-
-    accepted, stats = april.rollout(with_members, version=1)
+    accepted, stats = april.rollout(fresh, version=1)
     assert [g.prompt_id for g in accepted] == [2, 4]
     assert stats["groups_rejected"] == 2 and stats["groups_submitted"] == 4
     assert not april.buffer  # rejected groups are dropped, not recycled
