@@ -57,11 +57,11 @@ def test_cli_train_checkpoint_resume_eval_plot(tmp_path, digit_model):
     assert (run / "curves.png").stat().st_size > 10_000
 
 
-def _overrides(run_dir, steps, model, sampler):
+def _overrides(run_dir, steps, model, sampler="uniform", *extra):
     from rlpost.config import load_config
     return load_config(REPO / "configs" / "grpo_math.yaml",
                        [*SMALL, f"model.name={model}", f"run.output_dir={run_dir}", f"train.max_steps={steps}",
-                        "eval.at_start=false", f"curriculum.sampler={sampler}", "curriculum.init_rollouts=2"])
+                        "eval.at_start=false", f"curriculum.sampler={sampler}", "curriculum.init_rollouts=2", *extra])
 
 
 @pytest.mark.parametrize("sampler", ["uniform", "cures"])
@@ -100,16 +100,13 @@ def test_two_ranks_with_the_deepspeed_launcher(tmp_path, digit_model):
 def test_streambp_trains_like_autograd(tmp_path, digit_model):
     """Same seed, same config, train.backward autograd vs streambp: the same loss and gradient-norm
     curve up to float noise (the rollouts coincide because the weights do)."""
-    from rlpost.config import load_config
     from rlpost.metrics import read_metrics
     from rlpost.trainer import train
 
     curves = {}
     for backward in ("autograd", "streambp"):
-        cfg = load_config(REPO / "configs" / "grpo_math.yaml",
-                          [*SMALL, f"model.name={digit_model}", f"run.output_dir={tmp_path / backward}",
-                           "train.max_steps=3", "eval.at_start=false", "checkpoint.every=0", "grpo.beta=0.04",
-                           f"train.backward={backward}", "train.streambp_chunk_size=4"])
+        cfg = _overrides(tmp_path / backward, 3, digit_model, "uniform", "checkpoint.every=0", "grpo.beta=0.04",
+                         f"train.backward={backward}", "train.streambp_chunk_size=4")
         train(cfg, show_progress=False)
         curves[backward] = [(r["reward"], r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / backward)
                             if "reward" in r]
