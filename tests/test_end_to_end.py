@@ -139,24 +139,42 @@ def test_april_trains_checkpoints_and_resumes_its_buffer(tmp_path, digit_model):
     assert sum(r["reward"] for r in rows) > 0  # the responses' text reached the verifier
 
 
-def test_april_rollout_decodes_resumed_responses_whole(digit_model):
+@pytest.mark.parametrize("sampler_kind", ["uniform", "cures"])
+def test_april_rollout_decodes_resumed_responses_whole(digit_model, sampler_kind):
     """A response generated in pieces (aborted, recycled, resumed) is scored on the text of all its
-    tokens, not on the empty text of the pending sample it started as."""
+    tokens, not on the empty text of the pending sample it started as. With CurES the groups APRIL
+    returns keep the ragged sizes the sampler allocated."""
     from rlpost.config import load_config
-    from rlpost.curriculum import UniformSampler
     from rlpost.data import load_prompt_sets
     from rlpost.models import load_tokenizer
-    from rlpost.trainer import april_rollout, make_april
+    from rlpost.trainer import april_rollout, make_april, make_sampler
     from rollout.engine import make_engine
 
     cfg = load_config(REPO / "configs" / "grpo_math.yaml", [*SMALL, f"model.name={digit_model}",
-                                                            "rollout.tokens_per_step=2"])
+                                                            "rollout.tokens_per_step=2",
+                                                            f"curriculum.sampler={sampler_kind}",
+                                                            "curriculum.tau=10"])  # near-uniform picks: mixed p
     tokenizer = load_tokenizer(digit_model)
     train_set, _ = load_prompt_sets(cfg.data, tokenizer, 0)
     april = make_april(make_engine("hf", digit_model, tokenizer, tokens_per_step=2), cfg)
-    sampler = UniformSampler(len(train_set), 0, cfg.rollout.group_size)
+    sampler = make_sampler(cfg, len(train_set))
+    for prompt_id in range(len(train_set)):  # estimated accuracies from 0 to 1: different k_i
+        sampler.update(prompt_id, [j < 5 * (prompt_id % 5) for j in range(20)])
+    allocated = []
+    next_batch = sampler.next_batch
+
+    def recording(n):
+        ids, sizes = next_batch(n)
+        allocated.extend(sizes)
+        return ids, sizes
+    sampler.next_batch = recording
+    returned = []
     for version in range(3):
         groups, _ = april_rollout(april, sampler, train_set, version, tokenizer)
+        returned += [len(g.samples) for g in groups]
         for s in (s for g in groups for s in g.samples):
             assert s.text == tokenizer.decode(s.response_ids, skip_special_tokens=True)
             assert s.response_ids  # every member generated something
+    assert set(returned) <= set(allocated)
+    if sampler_kind == "cures":
+        assert len(set(allocated)) > 1 and len(set(returned)) > 1  # ragged groups went through APRIL
