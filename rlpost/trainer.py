@@ -27,7 +27,7 @@ from rlpost.models import load_model, load_tokenizer
 from rewards.math import MathReward
 from rollout.april import AprilScheduler, pending_group
 from rollout.engine import StreamingEngine, make_engine
-from rollout.types import FinishReason, Group, Sample, SamplingParams
+from rollout.types import FinishReason, Group, Sample, SamplingParams, tail_wait_s
 
 
 @dataclass
@@ -225,7 +225,8 @@ def curriculum_metrics(sampler, groups: list[Group]) -> dict:
     return out
 
 
-def step_metrics(groups: list[Group], kept: list[bool], train_stats: dict, rollout_s: float, step_s: float) -> dict:
+def step_metrics(groups: list[Group], kept: list[bool], train_stats: dict, step_start: float, rollout_s: float,
+                 step_s: float) -> dict:
     samples = [s for g in groups for s in g.samples]
     tokens = sum(len(s.response_ids) for s in samples)
     out = {
@@ -237,6 +238,7 @@ def step_metrics(groups: list[Group], kept: list[bool], train_stats: dict, rollo
         "rollout_tokens_per_s": tokens / max(rollout_s, 1e-9),
         "tokens_per_s": tokens / max(step_s, 1e-9),
         "rollout_s": rollout_s,
+        "rollout_tail_s": tail_wait_s(samples, step_start),
         "step_s": step_s,
     }
     n = train_stats.pop("tokens", 0.0)
@@ -341,7 +343,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             engine.load_weights(learner.named_weights(), learner.version)
             train_stats["weight_sync_s"] = time.time() - t_sync
 
-        metrics = step_metrics(groups, kept, train_stats, rollout_s, time.time() - t0)
+        metrics = step_metrics(groups, kept, train_stats, t0, rollout_s, time.time() - t0)
         metrics.update(curriculum_metrics(sampler, groups))
         metrics.update(rollout_stats)
         metrics.update({f"reward/{k}": float(v) for k, v in reward_fn.pop_counters().items()})

@@ -7,12 +7,30 @@ requests that stopped or used up their budget. vLLM does the same per token with
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from rollout.types import FinishReason, Sample, SamplingParams
+
+
+class _FinishClock(StoppingCriteria):
+    """Notes when each row of a batched `generate` emits a stop token (stops nothing itself), so
+    every sample gets its own finish time although the batch returns at once."""
+
+    def __init__(self, batch_size: int, stop_ids: list[int]):
+        self.stop_ids = torch.tensor(stop_ids)
+        self.finished_at: list[float | None] = [None] * batch_size
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        stopped = torch.isin(input_ids[:, -1].cpu(), self.stop_ids)
+        now = time.time()
+        for row in stopped.nonzero().flatten().tolist():
+            if self.finished_at[row] is None:
+                self.finished_at[row] = now
+        return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
 
 
 class HFEngine:
@@ -58,8 +76,10 @@ class HFEngine:
             temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
             top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
             output_logits=True, return_dict_in_generate=True)
+        clock = _FinishClock(len(prompts), self.stop_ids)
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  generation_config=config)
+                                  generation_config=config, stopping_criteria=StoppingCriteriaList([clock]))
+        done = time.time()
         new_tokens = out.sequences[:, width:].cpu()
         # Behaviour log-prob = log softmax(logits / T) of the sampled token, before top-p: the same
         # quantity the learner computes, so ratios compare like with like. One step at a time keeps
@@ -80,7 +100,8 @@ class HFEngine:
             samples.append(Sample(
                 prompt_ids=list(prompt), response_ids=response, logprobs=token_logps[row, :length].tolist(),
                 finish_reason=finish, versions=[self.version] * length,
-                text=self.tokenizer.decode(response, skip_special_tokens=True)))
+                text=self.tokenizer.decode(response, skip_special_tokens=True),
+                finished_at=clock.finished_at[row] or done))
         return samples
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -110,6 +131,7 @@ class HFEngine:
                 sample.finish_reason = FinishReason.LENGTH
             else:
                 continue
+            sample.finished_at = time.time()
             finished.append((request_id, self._finish(request_id)))
         return finished
 

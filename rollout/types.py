@@ -1,6 +1,7 @@
 """What the rollout side hands to the trainer: samples grouped by prompt."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -22,7 +23,8 @@ class SamplingParams:
 @dataclass
 class Sample:
     """One response. `logprobs[t]` is the behaviour log-prob of `response_ids[t]` under the sampling
-    distribution (logits / temperature, before top-p), `versions[t]` the policy version that sampled it."""
+    distribution (logits / temperature, before top-p), `versions[t]` the policy version that sampled it.
+    `finished_at` is the wall-clock time (time.time()) at which the engine saw it stop or hit its length."""
     prompt_ids: list[int]
     response_ids: list[int]
     logprobs: list[float]
@@ -30,6 +32,7 @@ class Sample:
     versions: list[int] = field(default_factory=list)
     text: str = ""
     reward: float = 0.0
+    finished_at: float | None = None
 
     @property
     def truncated(self) -> bool:
@@ -43,3 +46,13 @@ class Group:
     prompt: str
     answer: str
     samples: list[Sample]
+
+
+def tail_wait_s(samples: list[Sample], start: float, share: float = 0.9) -> float:
+    """Seconds a rollout waited on its longest samples: from the moment `share` of `samples` had
+    finished to the moment the last one did. Samples finished before `start` (recycled by APRIL)
+    count as finished at `start`."""
+    times = sorted(max((s.finished_at or start) - start, 0.0) for s in samples)
+    if not times:
+        return 0.0
+    return times[-1] - times[max(math.ceil(share * len(times)) - 1, 0)]

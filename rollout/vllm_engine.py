@@ -10,6 +10,7 @@ learner computes from logits / temperature.
 from __future__ import annotations
 
 import os
+import time
 from typing import Iterable
 
 import torch
@@ -91,7 +92,8 @@ class VLLMEngine:
             reason = FinishReason.LENGTH
         else:
             reason = FinishReason.STOP
-        return Sample(prompt, ids, logprobs, reason, versions=[self.version] * len(ids), text=completion.text)
+        return Sample(prompt, ids, logprobs, reason, versions=[self.version] * len(ids), text=completion.text,
+                      finished_at=None if aborted else time.time())
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
         ids = [f"gen-{i}" for i in range(len(prompts))]

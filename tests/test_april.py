@@ -3,7 +3,7 @@ import torch
 
 from rlpost.algorithms import grpo
 from rollout.april import AprilScheduler, pending_group, stale_fraction
-from rollout.types import FinishReason, Sample, SamplingParams
+from rollout.types import FinishReason, Sample, SamplingParams, tail_wait_s
 
 
 class ToyEngine:
@@ -183,3 +183,38 @@ def test_hf_engine_abort_and_resume_is_prefix_plus_continuation():
     assert partial.response_ids + rest.response_ids == whole.response_ids
     assert tokenizer.decode(partial.response_ids + rest.response_ids, skip_special_tokens=True) == whole.text
     assert rest.finish_reason == whole.finish_reason
+
+
+def test_tail_wait_is_time_from_90_percent_finished_to_the_last():
+    start = 1000.0
+    samples = [Sample([1], [2], [0.0], FinishReason.STOP, finished_at=start + t) for t in range(1, 11)]
+    assert tail_wait_s(samples, start) == 1.0  # 9 of 10 done at +9 s, the last at +10 s
+    samples[-1].finished_at = start + 30
+    assert tail_wait_s(samples, start) == 21.0
+    recycled = [Sample([1], [2], [0.0], FinishReason.STOP, finished_at=start - 50) for _ in range(10)]
+    assert tail_wait_s(recycled + samples[:1], start) == 1.0  # finished earlier = done at the start
+    assert tail_wait_s([], start) == 0.0
+
+
+def test_hf_engine_stamps_each_sample_when_it_stops():
+    """A batched generate returns all rows at once; each sample still gets the time its row stopped."""
+    from rlpost.models import load_model, load_tokenizer
+    from rollout.hf_engine import HFEngine
+
+    tokenizer = load_tokenizer("tiny-random")
+    model = load_model("tiny-random")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    engine = HFEngine(model, tokenizer)
+    prompts = [tokenizer("What is 3 + 4?")["input_ids"], tokenizer("Tell me a story")["input_ids"]]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    first, second = engine.generate(prompts, greedy)
+    early_stop = first.response_ids[2]
+    assert early_stop not in second.response_ids  # so only the first row stops early below
+    engine.stop_ids = [early_stop]
+    short, long = engine.generate(prompts, greedy)
+    assert len(short.response_ids) == 3 and short.finish_reason == FinishReason.STOP
+    assert long.finish_reason == FinishReason.LENGTH
+    assert short.finished_at < long.finished_at

@@ -76,6 +76,7 @@ def test_abort_returns_the_partial_tokens(engine):
     assert 0 < len(partial.response_ids) < len(whole.response_ids)
     assert partial.response_ids == whole.response_ids[:len(partial.response_ids)]
     assert len(partial.logprobs) == len(partial.response_ids)
+    assert partial.finished_at is None and whole.finished_at is not None  # an aborted sample has not finished
     # resume from the token ids: prefix + continuation = the uninterrupted answer
     rest = engine.generate([prompt + partial.response_ids],
                            SamplingParams(20 - len(partial.response_ids), 0.0))[0]
