@@ -48,10 +48,11 @@ class Group:
     samples: list[Sample]
 
 
-def tail_wait_s(samples: list[Sample], start: float, share: float = 0.9) -> float:
+def tail_wait_s(samples: list[Sample], start: float, share: float = 0.5) -> float:
     """Seconds a rollout waited on its longest samples: from the moment `share` of `samples` had
     finished to the moment the last one did. Samples finished before `start` (recycled by APRIL)
-    count as finished at `start`."""
+    count as finished at `start`. (With a higher share, samples cut at max_new_tokens in the same
+    engine step would hide the tail: they all finish at once.)"""
     times = sorted(max((s.finished_at or start) - start, 0.0) for s in samples)
     if not times:
         return 0.0

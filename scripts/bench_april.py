@@ -38,6 +38,23 @@ def prompt_stream(tokenizer, seed: int, long_share: float):
         yield i, text, list(ids["input_ids"] if not isinstance(ids, list) else ids)
 
 
+def decode_rate_by_concurrency(engine, prompt_ids: list[int], counts=(1, 4, 8, 16, 32, 64), tokens: int = 64):
+    """vLLM decode tokens/s with n requests running, each forced to `tokens` tokens: where this curve is
+    still rising, slots left idle by a long tail cost throughput, and APRIL can win them back."""
+    from vllm import SamplingParams as VllmParams
+
+    rates = {}
+    for n in counts:
+        for i in range(n):
+            engine.engine.add_request(f"probe-{n}-{i}", {"prompt_token_ids": prompt_ids},
+                                      VllmParams(max_tokens=tokens, ignore_eos=True))
+        start = time.perf_counter()
+        while engine.engine.has_unfinished_requests():
+            engine.engine.step()
+        rates[n] = n * tokens / (time.perf_counter() - start)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
@@ -55,13 +72,15 @@ def main() -> None:
     from rlpost.models import load_tokenizer
     from rollout.april import AprilScheduler, pending_group, stale_fraction
     from rollout.engine import make_engine
-    from rollout.types import Group, SamplingParams
+    from rollout.types import Group, SamplingParams, tail_wait_s
 
     tokenizer = load_tokenizer(args.model)
     engine = make_engine(args.engine, args.model, tokenizer, max_batch_size=4 * args.groups * args.group_size,
                          max_model_len=args.max_new_tokens + 128, seed=args.seed)
     params = SamplingParams(args.max_new_tokens, args.temperature)
-    engine.generate([next(prompt_stream(tokenizer, 99, 0.0))[2]], SamplingParams(8, 1.0))  # warm-up
+    warm_prompt = next(prompt_stream(tokenizer, 99, 0.0))[2]
+    engine.generate([warm_prompt], SamplingParams(8, 1.0))  # warm-up
+    rates = decode_rate_by_concurrency(engine, warm_prompt) if args.engine == "vllm" else {}
 
     def run_sync() -> list[dict]:
         stream, rows = prompt_stream(tokenizer, args.seed, args.long_share), []
@@ -69,11 +88,12 @@ def main() -> None:
             engine.version = step
             batch = [next(stream) for _ in range(args.groups)]
             start = time.perf_counter()
+            t0 = time.time()
             samples = engine.generate([ids for _, _, ids in batch for _ in range(args.group_size)], params)
             wall = time.perf_counter() - start
             tokens = sum(len(s.response_ids) for s in samples)
             rows.append({"step": step, "wall_s": wall, "tokens": tokens, "stale_fraction": 0.0,
-                         "longest": max(len(s.response_ids) for s in samples)})
+                         "tail_s": tail_wait_s(samples, t0), "longest": max(len(s.response_ids) for s in samples)})
         return rows
 
     def run_april() -> list[dict]:
@@ -85,31 +105,39 @@ def main() -> None:
 
         for step in range(1, args.steps + 1):
             engine.version = step
-            start = time.perf_counter()
+            start, t0 = time.perf_counter(), time.time()
             groups, stats = april.rollout(fresh, step)
             wall = time.perf_counter() - start
             samples = [s for g in groups for s in g.samples]
             rows.append({"step": step, "wall_s": wall, "tokens": sum(len(s.response_ids) for s in samples),
                          "stale_fraction": stale_fraction(groups, step), "buffer": stats["buffer_size"],
+                         "tail_s": tail_wait_s(samples, t0),
                          "generated": stats["tokens_generated"],
                          "longest": max(len(s.response_ids) for s in samples)})
         return rows
 
     results = {"sync": run_sync(), "april": run_april()}
+    if rates:
+        print("\ndecode tokens/s by requests running: " + ", ".join(f"{n}: {r:.0f}" for n, r in rates.items()))
     print(f"\nengine {args.engine}, {args.model}, B={args.groups} groups x G={args.group_size}, "
           f"L_max={args.max_new_tokens}, {args.long_share:.0%} long prompts, {args.steps} steps")
-    print(f"{'step':>4} {'sync s':>8} {'sync tok/s':>10} {'april s':>8} {'april tok/s':>11} {'stale':>6} {'buffer':>6}")
+    print(f"{'step':>4} {'sync s':>7} {'tail s':>6} {'sync tok/s':>10} {'april s':>7} {'tail s':>6} {'april tok/s':>11} "
+          f"{'stale':>6} {'buffer':>6}")
     for s, a in zip(results["sync"], results["april"]):
-        print(f"{s['step']:>4} {s['wall_s']:>8.1f} {s['tokens'] / s['wall_s']:>10.1f} {a['wall_s']:>8.1f} "
-              f"{a['tokens'] / a['wall_s']:>11.1f} {a['stale_fraction']:>6.2f} {a['buffer']:>6.0f}")
+        print(f"{s['step']:>4} {s['wall_s']:>7.1f} {s['tail_s']:>6.1f} {s['tokens'] / s['wall_s']:>10.1f} "
+              f"{a['wall_s']:>7.1f} {a['tail_s']:>6.1f} {a['tokens'] / a['wall_s']:>11.1f} {a['stale_fraction']:>6.2f} "
+              f"{a['buffer']:>6.0f}")
     totals = {k: (sum(r["tokens"] for r in rows), sum(r["wall_s"] for r in rows)) for k, rows in results.items()}
     sync_tps, april_tps = (totals[k][0] / totals[k][1] for k in ("sync", "april"))
     stale = sum(r["stale_fraction"] * r["tokens"] for r in results["april"]) / max(totals["april"][0], 1)
     print(f"finished-group tokens/s: sync {sync_tps:.1f}, APRIL {april_tps:.1f}, ratio {april_tps / sync_tps:.2f}x; "
           f"wall per step: sync {totals['sync'][1] / args.steps:.1f} s, APRIL {totals['april'][1] / args.steps:.1f} s; "
-          f"APRIL stale-token fraction {stale:.2f}")
+          f"APRIL stale-token fraction {stale:.2f}; waiting on the longest half of the samples: "
+          f"sync {sum(r['tail_s'] for r in results['sync']) / args.steps:.1f} s, "
+          f"APRIL {sum(r['tail_s'] for r in results['april']) / args.steps:.1f} s per step")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), **results}, indent=2))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "decode_rate_by_concurrency": rates, **results},
+                                         indent=2))
 
 
 if __name__ == "__main__":

@@ -185,12 +185,13 @@ def test_hf_engine_abort_and_resume_is_prefix_plus_continuation():
     assert rest.finish_reason == whole.finish_reason
 
 
-def test_tail_wait_is_time_from_90_percent_finished_to_the_last():
+def test_tail_wait_is_time_from_half_finished_to_the_last():
     start = 1000.0
     samples = [Sample([1], [2], [0.0], FinishReason.STOP, finished_at=start + t) for t in range(1, 11)]
-    assert tail_wait_s(samples, start) == 1.0  # 9 of 10 done at +9 s, the last at +10 s
+    assert tail_wait_s(samples, start) == 5.0  # 5 of 10 done at +5 s, the last at +10 s
     samples[-1].finished_at = start + 30
-    assert tail_wait_s(samples, start) == 21.0
+    assert tail_wait_s(samples, start) == 25.0
+    assert tail_wait_s(samples, start, share=0.9) == 21.0
     recycled = [Sample([1], [2], [0.0], FinishReason.STOP, finished_at=start - 50) for _ in range(10)]
     assert tail_wait_s(recycled + samples[:1], start) == 1.0  # finished earlier = done at the start
     assert tail_wait_s([], start) == 0.0
