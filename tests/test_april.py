@@ -9,13 +9,15 @@ from rollout.types import FinishReason, Sample, SamplingParams, tail_wait_s
 class ToyEngine:
     """Unlimited concurrency, one token per tick per running request. A request's prompt is
     [prompt_id, member, *prefix]; that member stops by itself after `targets[prompt_id][member]`
-    response tokens in total. Tokens are 100 + their position; log-probs are -0.1 * version."""
+    response tokens in total. Tokens are 100 + their position; log-probs are -0.1 * version; a
+    sample's finish time is the tick it stopped at."""
 
     def __init__(self, targets):
         self.targets = targets
         self.version = 1
         self.running = {}  # request id -> [prompt ids, new tokens, max_new_tokens]
         self.max_new_tokens_seen = []
+        self.tick = 0
 
     def add_request(self, request_id, prompt_ids, params):
         self.running[request_id] = [prompt_ids, [], params.max_new_tokens]
@@ -23,9 +25,11 @@ class ToyEngine:
 
     def _sample(self, request_id, reason):
         prompt, new, _ = self.running.pop(request_id)
-        return Sample(prompt, new, [-0.1 * self.version] * len(new), reason, versions=[self.version] * len(new))
+        return Sample(prompt, new, [-0.1 * self.version] * len(new), reason, versions=[self.version] * len(new),
+                      finished_at=None if reason == FinishReason.ABORT else float(self.tick))
 
     def step(self):
+        self.tick += 1
         finished = []
         for request_id, (prompt, new, budget) in list(self.running.items()):
             already = len(prompt) - 2
@@ -82,11 +86,13 @@ def test_toy_schedule_of_the_spec():
     assert lengths(P2) == [(2, FinishReason.STOP), (6, FinishReason.ABORT)]
     assert lengths(P4) == [(6, FinishReason.ABORT), (6, FinishReason.ABORT)]
     assert stats["groups_submitted"] == 4 and stats["groups_recycled"] == 2 and stats["stale_fraction"] == 0.0
+    assert tail_wait_s([s for g in accepted for s in g.samples], start=0.0) == 2.0  # half done at tick 4, last 6
 
     # Step 2, policy v2: wave [P2, P4, P5, P6]. P2b resumes with budget 4 (needs 3), P2a is not
     # regenerated; P4a gets budget 4; P2 and P5 finish at tick 3.
     engine.version = 2
     engine.max_new_tokens_seen.clear()
+    step_start = engine.tick
     accepted, stats = april.rollout(fresh, version=2)
     assert (2, 1, 4) in engine.max_new_tokens_seen and (4, 0, 4) in engine.max_new_tokens_seen
     assert not any(p == 2 and m == 0 for p, m, _ in engine.max_new_tokens_seen)
@@ -98,6 +104,8 @@ def test_toy_schedule_of_the_spec():
     P2b = accepted[0].samples[1]
     assert P2b.response_ids == [100 + t for t in range(9)]  # prefix + continuation, token by token
     assert P2b.versions == [1] * 6 + [2] * 3
+    # finish times in the step: P2a 0 (done in step 1), P5a 2, P2b 3, P5b 3 ticks: half done at 2
+    assert tail_wait_s([s for g in accepted for s in g.samples], start=step_start) == 1.0
 
     # The training batch of step 2: 16 response tokens, 8 of them sampled by v1.
     samples = [s for g in accepted for s in g.samples]
