@@ -67,8 +67,8 @@ def grpo_objective(aggregation: str, beta: float, ratio_level: str = "token"):
     def objective(logp, batch, ref_logp):
         g = torch.Generator().manual_seed(3)  # float64 draws, so every dtype sees the same numbers
         mask = batch.response_mask.to(logp.dtype)
-        advantages = torch.randn(logp.shape[0], generator=g, dtype=torch.float64).to(logp.dtype)
-        noise = 0.2 * torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.dtype)
+        advantages = torch.randn(logp.shape[0], generator=g, dtype=torch.float64).to(logp)
+        noise = 0.2 * torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp)
         logp_old = logp.detach() + noise  # ratios away from 1: some tokens are clipped
         token_loss, _ = grpo.grpo_token_loss(logp, logp_old, advantages, mask, eps_low=0.2, eps_high=0.28,
                                              beta=beta, logp_ref=ref_logp, ratio_level=ratio_level)
@@ -149,7 +149,7 @@ def test_exact_with_gradient_accumulation(objective, true_float64_norms):
 
 def _relative_errors(got, expected) -> dict[str, float]:
     """||g - g_ref|| / ||g_ref|| per parameter tensor, and the loss's relative error under "loss"."""
-    errors = {name: float((got[1][name].double() - g.double()).norm() / g.double().norm().clamp(min=1e-30))
+    errors = {name: float((got[1][name].cpu().double() - g.cpu().double()).norm() / g.double().norm().clamp(min=1e-30))
               for name, g in expected[1].items()}
     errors["loss"] = abs(got[0] - expected[0]) / max(abs(expected[0]), 1e-30)
     return errors
@@ -200,22 +200,25 @@ def test_exact_in_float64_on_real_architectures(which, objective, true_float64_n
         assert max(errors.values()) <= 1e-10, f"chunk {chunk}: {max(errors, key=errors.get)} {max(errors.values()):.1e}"
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 @pytest.mark.parametrize("which", REAL)
-def test_exact_in_float32_on_real_architectures(which, objective, true_float64_norms):
-    """float32, layer chunks of 16 and 24 rows (neither divides the 37 columns): loss and every
-    gradient tensor within 1e-5 of autograd in relative norm, and StreamBP within 3x of autograd's
-    own distance to the float64 result (two roundings of the same sums; a mistake would be orders of
-    magnitude larger).
+def test_exact_in_float32_on_real_architectures(which, objective, device, true_float64_norms):
+    """float32 (on CPU, and on a GPU when there is one), layer chunks of 16 and 24 rows (neither
+    divides the 37 columns): loss and every gradient tensor within 1e-5 of autograd in relative
+    norm, and StreamBP within 3x of autograd's own distance to the float64 result (two roundings of
+    the same sums; a mistake would be orders of magnitude larger).
 
     Below 16 rows per chunk the float32 forward takes other CPU attention kernels, whose log-probs
     round differently by ~1e-7; the k3 KL gradient, (1 - exp(ref - logp)) with the reference near
     the policy, amplifies that to ~1.4e-5 on the SmolLM2 slice, twice autograd's own distance to
     float64 (7e-6). Small chunks are proven exact in float64 above."""
-    model, reference = _copies(which, torch.float32)
+    model, reference = (m.to(device) for m in _copies(which, torch.float32))
     batch, objective = spec_batch(vocab=model.config.vocab_size), OBJECTIVES[objective]
-    autograd = loss_and_grads(model, reference, objective, batch, hf_decoder, 8)
     truth = loss_and_grads(*_copies(which, torch.float64), objective, batch, hf_decoder, 8)
+    batch = batch.to(device)
+    autograd = loss_and_grads(model, reference, objective, batch, hf_decoder, 8)
     autograd_error = _relative_errors(autograd, truth)
     for chunk in (16, 24):
         streamed = loss_and_grads(model, reference, objective, batch,
