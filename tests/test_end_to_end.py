@@ -136,6 +136,7 @@ def test_april_trains_checkpoints_and_resumes_its_buffer(tmp_path, digit_model):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["april/groups_finished"] == 2 and r["april/groups_submitted"] >= 2 for r in rows)
     assert rows[0]["april/stale_fraction"] == 0.0  # nothing can be stale in the first step
+    assert all(0.0 <= r["rollout_tail_s"] <= r["rollout_s"] for r in rows)
     assert sum(r["reward"] for r in rows) > 0  # the responses' text reached the verifier
 
 
