@@ -36,7 +36,6 @@ class MicroBatch:
     advantages: torch.Tensor          # [N]
     loss_mask: torch.Tensor           # [N, T]
     behaviour_logp: torch.Tensor      # [N, T] log-probs stored at sampling time
-    versions: torch.Tensor            # [N, T] policy version that sampled each token
     ref_logp: torch.Tensor | None     # [N, T] when grpo.beta > 0
     temperature: float
 
@@ -151,9 +150,9 @@ def make_micro_batches(groups: list[Group], cfg: Config, pad_id: int, reference=
         chunk = samples[start:start + size]
         packed = pack(chunk, pad_id)
         keep = torch.tensor(keep_mask[start:start + size], dtype=torch.float32).unsqueeze(-1)
-        versions = padded([s.versions for s in chunk], packed.response_mask.shape[1]).long()
         loss_mask = packed.response_mask * keep
         if cfg.rollout.off_policy == "mask_stale":
+            versions = padded([s.versions for s in chunk], packed.response_mask.shape[1])
             loss_mask = grpo.off_policy_mask(loss_mask, versions, current_version)
         ref_logp = None
         if reference is not None:
@@ -161,7 +160,7 @@ def make_micro_batches(groups: list[Group], cfg: Config, pad_id: int, reference=
                 ref_logp = token_logprobs(reference, packed, cfg.rollout.temperature)[0].float()
         micro_batches.append(MicroBatch(
             packed=packed, advantages=advantages[start:start + size], loss_mask=loss_mask,
-            behaviour_logp=padded([s.logprobs for s in chunk], packed.response_mask.shape[1]), versions=versions,
+            behaviour_logp=padded([s.logprobs for s in chunk], packed.response_mask.shape[1]),
             ref_logp=ref_logp, temperature=cfg.rollout.temperature))
     global_tokens = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -179,8 +178,7 @@ def _empty_micro_batch(pad_id: int, temperature: float) -> MicroBatch:
     """A one-token micro-batch that contributes nothing: it only keeps the ranks' collectives in step."""
     packed = pack([Sample([pad_id], [pad_id], [0.0], FinishReason.STOP)], pad_id)
     return MicroBatch(packed=packed, advantages=torch.zeros(1), loss_mask=torch.zeros(1, 1),
-                      behaviour_logp=torch.zeros(1, 1), versions=torch.zeros(1, 1, dtype=torch.long),
-                      ref_logp=torch.zeros(1, 1), temperature=temperature)
+                      behaviour_logp=torch.zeros(1, 1), ref_logp=torch.zeros(1, 1), temperature=temperature)
 
 
 def make_loss_fn(cfg: Config, num_micro_batches: int, global_tokens: float):

@@ -82,18 +82,19 @@ def main() -> None:
     engine.generate([warm_prompt], SamplingParams(8, 1.0))  # warm-up
     rates = decode_rate_by_concurrency(engine, warm_prompt) if args.engine == "vllm" else {}
 
+    def measured(step: int, samples: list, start: float, **extra) -> dict:
+        """One step's row: wall time since `start`, tokens of the finished groups, tail wait."""
+        return {"step": step, "wall_s": time.time() - start, "tokens": sum(len(s.response_ids) for s in samples),
+                "tail_s": tail_wait_s(samples, start), "longest": max(len(s.response_ids) for s in samples), **extra}
+
     def run_sync() -> list[dict]:
         stream, rows = prompt_stream(tokenizer, args.seed, args.long_share), []
         for step in range(1, args.steps + 1):
             engine.version = step
             batch = [next(stream) for _ in range(args.groups)]
-            start = time.perf_counter()
-            t0 = time.time()
+            start = time.time()
             samples = engine.generate([ids for _, _, ids in batch for _ in range(args.group_size)], params)
-            wall = time.perf_counter() - start
-            tokens = sum(len(s.response_ids) for s in samples)
-            rows.append({"step": step, "wall_s": wall, "tokens": tokens, "stale_fraction": 0.0,
-                         "tail_s": tail_wait_s(samples, t0), "longest": max(len(s.response_ids) for s in samples)})
+            rows.append(measured(step, samples, start, stale_fraction=0.0))
         return rows
 
     def run_april() -> list[dict]:
@@ -105,15 +106,11 @@ def main() -> None:
 
         for step in range(1, args.steps + 1):
             engine.version = step
-            start, t0 = time.perf_counter(), time.time()
+            start = time.time()
             groups, stats = april.rollout(fresh, step)
-            wall = time.perf_counter() - start
-            samples = [s for g in groups for s in g.samples]
-            rows.append({"step": step, "wall_s": wall, "tokens": sum(len(s.response_ids) for s in samples),
-                         "stale_fraction": stale_fraction(groups, step), "buffer": stats["buffer_size"],
-                         "tail_s": tail_wait_s(samples, t0),
-                         "generated": stats["tokens_generated"],
-                         "longest": max(len(s.response_ids) for s in samples)})
+            rows.append(measured(step, [s for g in groups for s in g.samples], start,
+                                 stale_fraction=stale_fraction(groups, step), buffer=stats["buffer_size"],
+                                 generated=stats["tokens_generated"]))
         return rows
 
     results = {"sync": run_sync(), "april": run_april()}

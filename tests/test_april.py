@@ -2,6 +2,7 @@
 import torch
 
 from rlpost.algorithms import grpo
+from rlpost.batch import padded
 from rollout.april import AprilScheduler, pending_group, stale_fraction
 from rollout.types import FinishReason, Sample, SamplingParams, tail_wait_s
 
@@ -105,18 +106,15 @@ def test_toy_schedule_of_the_spec():
     assert P2b.response_ids == [100 + t for t in range(9)]  # prefix + continuation, token by token
     assert P2b.versions == [1] * 6 + [2] * 3
     # finish times in the step: P2a 0 (done in step 1), P5a 2, P2b 3, P5b 3 ticks: half done at 2
-    assert tail_wait_s([s for g in accepted for s in g.samples], start=step_start) == 1.0
+    samples = [s for g in accepted for s in g.samples]
+    assert tail_wait_s(samples, start=step_start) == 1.0
 
     # The training batch of step 2: 16 response tokens, 8 of them sampled by v1.
-    samples = [s for g in accepted for s in g.samples]
     assert sum(len(s.response_ids) for s in samples) == 16
     assert stats["stale_fraction"] == 0.5 == stale_fraction(accepted, 2)
     width = max(len(s.response_ids) for s in samples)
-    mask = torch.zeros(len(samples), width)
-    versions = torch.zeros(len(samples), width, dtype=torch.long)
-    for i, s in enumerate(samples):
-        mask[i, :len(s.versions)] = 1
-        versions[i, :len(s.versions)] = torch.tensor(s.versions)
+    mask = padded([[1.0] * len(s.versions) for s in samples], width)
+    versions = padded([s.versions for s in samples], width)
     assert grpo.off_policy_mask(mask, versions, current_version=2).sum() == 8
 
     # Step 3 resumes P4a with max_new_tokens = 1.
@@ -159,19 +157,24 @@ def test_truncated_importance_weight():
     assert not w.requires_grad
 
 
-def test_hf_engine_abort_and_resume_is_prefix_plus_continuation():
-    """The real engine: abort mid-generation keeps the partial tokens; resuming from prompt + prefix
-    gives, greedily, exactly the tokens of an uninterrupted generation."""
+def noisy_hf_engine(**kwargs):
+    """The real hf engine on tiny-random with large random weights: greedy tokens change at every position."""
     from rlpost.models import load_model, load_tokenizer
     from rollout.hf_engine import HFEngine
 
-    tokenizer = load_tokenizer("tiny-random")
     model = load_model("tiny-random")
     torch.manual_seed(0)
-    with torch.no_grad():  # large random weights: greedy tokens change at every position
+    with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)
-    engine = HFEngine(model, tokenizer, tokens_per_step=3)
+    return HFEngine(model, load_tokenizer("tiny-random"), **kwargs)
+
+
+def test_hf_engine_abort_and_resume_is_prefix_plus_continuation():
+    """The real engine: abort mid-generation keeps the partial tokens; resuming from prompt + prefix
+    gives, greedily, exactly the tokens of an uninterrupted generation."""
+    engine = noisy_hf_engine(tokens_per_step=3)
+    tokenizer = engine.tokenizer
     prompt = tokenizer("What is 3 + 4?")["input_ids"]
     greedy = SamplingParams(max_new_tokens=10, temperature=0.0)
     (whole,) = engine.generate([prompt], greedy)
@@ -207,16 +210,8 @@ def test_tail_wait_is_time_from_half_finished_to_the_last():
 
 def test_hf_engine_stamps_each_sample_when_it_stops():
     """A batched generate returns all rows at once; each sample still gets the time its row stopped."""
-    from rlpost.models import load_model, load_tokenizer
-    from rollout.hf_engine import HFEngine
-
-    tokenizer = load_tokenizer("tiny-random")
-    model = load_model("tiny-random")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
-    engine = HFEngine(model, tokenizer)
+    engine = noisy_hf_engine()
+    tokenizer = engine.tokenizer
     prompts = [tokenizer("What is 3 + 4?")["input_ids"], tokenizer("Tell me a story")["input_ids"]]
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
     first, second = engine.generate(prompts, greedy)

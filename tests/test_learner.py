@@ -105,11 +105,11 @@ from rlpost.config import load_config
 from rlpost.learner import Learner
 cfg = load_config(None, ["model.name=tiny-random", "train.zero_stage=3", "train.deepspeed_config=%s"])
 learner = Learner(cfg)
-params = list(learner.model.parameters())
+params = dict(learner.model.named_parameters())
 gathered, shapes_ok = [], True
 for name, tensor in learner.named_weights(bucket_params=%d):
-    gathered.append(sum(p.numel() > 0 for p in params))  # a partitioned ZeRO-3 parameter is empty here
-    shapes_ok &= tensor.numel() == dict(learner.model.named_parameters())[name].ds_numel
+    gathered.append(sum(p.numel() > 0 for p in params.values()))  # a partitioned ZeRO-3 parameter is empty here
+    shapes_ok &= tensor.numel() == params[name].ds_numel
 print(json.dumps({"params": len(params), "yielded": len(gathered), "max_gathered": max(gathered),
                   "shapes_ok": bool(shapes_ok)}))
 """
