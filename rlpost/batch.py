@@ -69,38 +69,62 @@ def _response_hidden(model: torch.nn.Module, batch: Packed, decoder: Decoder = h
     return hidden[:, P - 1:P - 1 + T]
 
 
-def _head_chunk(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
+# The head hook: what a loss computes from the output head, one chunk of positions at a time.
+# (logits [N, c, V] in >= fp32, target token ids [N, c], the chunk's response columns) -> named
+# per-position tensors [N, c]. A loss over the whole vocabulary (a KL to a teacher's distribution, say)
+# is a HeadFn that returns its per-position value: only one chunk's [N, c, V] ever exists, and it
+# is recomputed in backward. Side inputs per position (a teacher's hidden states) are sliced by
+# `cols` from the micro-batch the HeadFn closes over.
+HeadFn = Callable[[torch.Tensor, torch.Tensor, slice], dict[str, torch.Tensor]]
+
+
+def logprob_head(temperature: float = 1.0) -> HeadFn:
+    """log pi(y_t | s_t) at the sampling temperature ("logp"), and the detached entropy ("entropy")."""
+    def head(logits: torch.Tensor, targets: torch.Tensor, cols: slice) -> dict[str, torch.Tensor]:
+        logp_all = torch.log_softmax(logits / temperature, dim=-1)
+        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return {"logp": logp, "entropy": entropy.detach()}
+    return head
+
+
+def _head_chunk(lm_head: torch.nn.Module, head: HeadFn, hidden: torch.Tensor, targets: torch.Tensor,
+                cols: slice) -> dict[str, torch.Tensor]:
     logits = lm_head(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32, fp64 stays
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+    return head(logits, targets, cols)
 
 
-def token_logprobs(model: torch.nn.Module, batch: Packed, temperature: float = 1.0, chunk_size: int = 256,
-                   decoder: Decoder = hf_decoder) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log pi(y_t | s_t) of the responses, [N, T], and the per-token entropy (detached).
+def head_outputs(model: torch.nn.Module, batch: Packed, head: HeadFn, chunk_size: int = 256,
+                 decoder: Decoder = hf_decoder) -> dict[str, torch.Tensor]:
+    """Run `head` over the response positions, `chunk_size` at a time, and concatenate its [N, T] outputs.
 
-    Logits are divided by the sampling temperature (as at generation time). The vocabulary head
-    runs on chunks of positions under activation checkpointing, so a long response never holds its
-    full [T, vocab] logits; only the hidden states are kept for backward. Every backward mode goes
-    through this head; `decoder` picks how the hidden states are computed (e.g. StreamBP).
+    The vocabulary head runs on chunks of positions under activation checkpointing, so a long
+    response never holds its full [T, vocab] logits; only the hidden states are kept for backward.
+    Every backward mode goes through here; `decoder` picks how the hidden states are computed
+    (autograd, HF checkpointing, StreamBP).
     """
     P, T = batch.prompt_width, batch.response_mask.shape[1]
     hidden = _response_hidden(model, batch, decoder)
     targets = batch.input_ids[:, P:P + T]
     lm_head = model.get_output_embeddings()
-    logps, entropies = [], []
+    chunks = []
     for start in range(0, T, chunk_size):
         h, y = hidden[:, start:start + chunk_size], targets[:, start:start + chunk_size]
+        cols = slice(start, start + h.shape[1])
         if torch.is_grad_enabled():
-            logp, ent = checkpoint(_head_chunk, lm_head, h, y, temperature, use_reentrant=False)
+            chunks.append(checkpoint(_head_chunk, lm_head, head, h, y, cols, use_reentrant=False))
         else:
-            logp, ent = _head_chunk(lm_head, h, y, temperature)
-        logps.append(logp)
-        entropies.append(ent.detach())
-    return torch.cat(logps, 1), torch.cat(entropies, 1)
+            chunks.append(_head_chunk(lm_head, head, h, y, cols))
+    return {key: torch.cat([c[key] for c in chunks], 1) for key in chunks[0]}
+
+
+def token_logprobs(model: torch.nn.Module, batch: Packed, temperature: float = 1.0, chunk_size: int = 256,
+                   decoder: Decoder = hf_decoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log pi(y_t | s_t) of the responses, [N, T] (logits divided by the sampling
+    temperature, as at generation time), and the per-token entropy (detached)."""
+    out = head_outputs(model, batch, logprob_head(temperature), chunk_size, decoder)
+    return out["logp"], out["entropy"]
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlpost.errors import UserError
+from rollout.types import UserError
 
 STATE_FILE = "trainer_state.pt"
 

@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 
-from rlpost.errors import UserError
+from rollout.types import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def _cmd_train(args) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    from rlpost.learner import world
+    from rollout.types import world
     if world()[0] != 0:
         return
     before, after = summary.get("eval_before"), summary.get("eval_after")
@@ -77,10 +77,10 @@ def _cmd_eval(args) -> int:
     from rlpost.checkpoint import resolve_checkpoint
     from rlpost.config import load_config
     from rlpost.data import load_prompt_sets
-    from rlpost.evaluate import evaluate
-    from rlpost.models import load_tokenizer
+    from rlpost.evaluate import run_eval
     from rewards.math import MathReward
     from rollout.engine import make_engine
+    from rollout.models import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     path = Path(args.checkpoint)
@@ -89,11 +89,9 @@ def _cmd_eval(args) -> int:
     tokenizer = load_tokenizer(model_path)
     _, test_set = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
     engine = make_engine(cfg.rollout.engine, model_path, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
-    reward_fn = MathReward(timeout_s=cfg.reward.timeout_s)
-    result = evaluate(engine, test_set, reward_fn, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                      num_prompts=cfg.eval.num_prompts, pass_k=cfg.eval.pass_k,
-                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
-    reward_fn.close()
+    verifier = MathReward(timeout_s=cfg.reward.timeout_s)
+    result = run_eval(engine, test_set, verifier, cfg)
+    verifier.close()
     print(json.dumps({"checkpoint": model_path, **result}, indent=2))
     return 0
 

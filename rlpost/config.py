@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from rlpost.errors import UserError
+from rollout.types import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,6 @@ class RunConfig(Section):
 
 class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"  # hub id, local dir, smollm2-135m-instruct or tiny-random
-    reference: str | None = None          # KL reference; defaults to `name`; loaded only if grpo.beta > 0
 
 
 class ArithmeticConfig(Section):
@@ -65,13 +64,13 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_batch_size: int = Field(64, ge=1)    # sequences generated at once
-    # sync: generate every group of the step to the end. april: active partial rollouts
-    # (rollout/april.py): submit `april_submit_groups` groups (N', default 2 * prompts_per_step),
-    # train on the first prompts_per_step that finish, keep the rest for the next step.
-    scheduler: Literal["sync", "april"] = "sync"
+    # The rollout source (rollout/source.py). sync: generate every group of the step to the end.
+    # april: active partial rollouts (rollout/april.py): submit `april_submit_groups` groups (N',
+    # default 2 * prompts_per_step), train on the first prompts_per_step kept groups that finish,
+    # keep the rest for the next step. dataset: fixed responses read from data.source (no engine
+    # calls in training; rows with prompt + chosen/rejected, completion or completions).
+    scheduler: Literal["sync", "april", "dataset"] = "sync"
     april_submit_groups: int | None = Field(None, ge=1)
-    off_policy: Literal["ignore", "mask_stale", "tis"] = "ignore"  # stale tokens of resumed samples
-    tis_cap: float = Field(2.0, gt=0)        # C of the truncated importance weight (off_policy: tis)
     tokens_per_step: int = Field(8, ge=1)    # hf engine under APRIL: tokens per streaming step
 
 
@@ -83,12 +82,15 @@ class CurriculumConfig(Section):
     allocation: Literal["score", "grad_norm"] = "score"  # k_i ~ s(p) or ~ sigma_i from gradient norms
     k_min: int = Field(2, ge=2)                     # samples per selected prompt, at least
     init_rollouts: int = Field(4, ge=0)             # N_min per training prompt before step 1; 0 skips
-    correct_threshold: float = 0.5                  # a rollout counts as correct when reward > this
 
 
 class RewardConfig(Section):
+    """Outcome reward and its shaping. `correct` (what CurES and the accuracy metric count) is the
+    verifier's verdict alone; the shaped reward adds the bonus and the penalty below."""
     timeout_s: float = Field(5.0, gt=0)      # per-answer limit for math-verify
     format_weight: float = 0.0               # bonus for a response that stops by itself with an answer
+    overlong_penalty: bool = False           # DAPO soft length penalty added to the reward
+    overlong_cache: int = Field(16, ge=1)    # L_cache of that penalty
 
 
 class GRPOConfig(Section):
@@ -100,8 +102,11 @@ class GRPOConfig(Section):
     ratio_level: Literal["token", "sequence"] = "token"
     dynamic_sampling: bool = True            # drop groups whose rewards are all equal
     mask_truncated: bool = False             # truncated responses contribute no loss tokens
-    overlong_penalty: bool = False           # DAPO soft length penalty added to the reward
-    overlong_cache: int = Field(16, ge=1)    # L_cache of that penalty
+    reference: str | None = None             # KL reference model; default model.name; loaded only if beta > 0
+    # Tokens sampled by an older policy (APRIL resumes): ignore, mask them out of the loss, or weight
+    # the policy-gradient term by the truncated importance weight min(pi / pi_behaviour, tis_cap).
+    off_policy: Literal["ignore", "mask_stale", "tis"] = "ignore"
+    tis_cap: float = Field(2.0, gt=0)
 
 
 class TrainConfig(Section):
@@ -119,6 +124,9 @@ class TrainConfig(Section):
     logits_chunk_size: int = Field(256, ge=1)    # positions per vocabulary-head chunk (every mode)
     deepspeed_config: str | None = None      # default: configs/deepspeed/zero{zero_stage}.json
 
+    def deepspeed_config_path(self) -> Path:
+        return Path(self.deepspeed_config or REPO_ROOT / "configs" / "deepspeed" / f"zero{self.zero_stage}.json")
+
 
 class EvalConfig(Section):
     every: int = Field(0, ge=0)              # 0: only before and after training
@@ -133,7 +141,11 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1)
 
 
+ALGORITHMS = ("grpo",)  # rlpost/objectives/__init__.py registers one objective per name
+
+
 class Config(Section):
+    algorithm: Literal[ALGORITHMS] = "grpo"  # the objective: what a step trains on and its loss
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -153,9 +165,6 @@ class Config(Section):
             raise ValueError("rollout.group_size (the mean rollouts per prompt) must be >= curriculum.k_min")
         return self
 
-    def deepspeed_config_path(self) -> Path:
-        path = self.train.deepspeed_config or REPO_ROOT / "configs" / "deepspeed" / f"zero{self.train.zero_stage}.json"
-        return Path(path)
 
 
 def _format_error(err: ValidationError) -> str:

@@ -1,7 +1,10 @@
 """Prompt samplers: which prompts go into the next rollout step, and how many samples each gets.
 
-Both samplers answer `next_batch(B) -> (prompt_ids, samples_per_prompt)` and learn from
-`update(prompt_id, rewards)`; both are stateful (state_dict / load_state_dict) so resume is exact.
+Both meet rollout.source.PromptSampler: `next_batch(B) -> (prompt_ids, samples_per_prompt)`, learn
+from `update(prompt_id, correct)` (the verifier's verdicts, not the shaped reward: a format bonus must
+not make a wrong answer count as solved), report `metrics(groups)`, and are stateful (state_dict /
+load_state_dict) so resume is exact. The rollout source runs CurES's difficulty pass
+(`warm_up_rollouts` samples of every prompt before step 1).
 
 CurES (ALGORITHMS.md §3): a Beta(1,1) posterior of each prompt's accuracy, prompts sampled from
 softmax(s(p)/tau) with s(p) = sqrt(p(1-p)), and the rollout budget split in proportion to s(p).
@@ -13,6 +16,8 @@ import random
 from typing import Literal, Sequence
 
 import torch
+
+from rollout.types import Group
 
 TauMode = Literal["fixed", "code"]
 
@@ -89,8 +94,21 @@ def allocate(weights: Sequence[float], budget: int, k_min: int = 2) -> list[int]
 # ---------------------------------------------------------------------------------------------
 # Samplers
 
+def signal_metrics(groups: list[Group]) -> dict[str, float]:
+    """Mean samples per prompt, and how many samples carry a learning signal (reward differs from the
+    group mean)."""
+    samples = sum(len(g.samples) for g in groups)
+    effective = 0
+    for g in groups:
+        rewards = torch.tensor([s.reward for s in g.samples], dtype=torch.float64)
+        effective += int(((rewards - rewards.mean()).abs() > 1e-8).sum())
+    return {"curriculum/mean_k": samples / max(len(groups), 1), "curriculum/effective_samples": float(effective)}
+
+
 class UniformSampler:
     """Epochs of a seeded random permutation; a prompt never repeats within an epoch; fixed group size."""
+    wants_grad_norms = False
+    warm_up_rollouts = 0
 
     def __init__(self, num_prompts: int, seed: int, group_size: int = 8):
         if num_prompts < 1:
@@ -119,6 +137,9 @@ class UniformSampler:
     def update(self, prompt_id: int, correct: Sequence[bool], grad_norms: Sequence[float] | None = None) -> None:
         pass  # uniform sampling learns nothing from outcomes
 
+    def metrics(self, groups: list[Group]) -> dict[str, float]:
+        return signal_metrics(groups)
+
     def state_dict(self) -> dict:
         return {"num_prompts": self.num_prompts, "seed": self.seed, "epoch": self.epoch, "position": self.position}
 
@@ -134,9 +155,12 @@ class CuresSampler:
     R = B * rollouts_per_prompt over them (k_i >= k_min). Counters come from every scored rollout."""
 
     def __init__(self, num_prompts: int, seed: int, rollouts_per_prompt: int = 8, tau_mode: TauMode = "fixed",
-                 tau: float = 0.1, allocation: Literal["score", "grad_norm"] = "score", k_min: int = 2):
+                 tau: float = 0.1, allocation: Literal["score", "grad_norm"] = "score", k_min: int = 2,
+                 init_rollouts: int = 0):
         if num_prompts < 1:
             raise ValueError("the training set is empty")
+        self.wants_grad_norms = allocation == "grad_norm"  # costs an extra forward per response
+        self.warm_up_rollouts = init_rollouts              # N_min: the difficulty pass
         self.num_prompts, self.rollouts_per_prompt = num_prompts, rollouts_per_prompt
         self.tau_mode, self.tau, self.allocation, self.k_min = tau_mode, tau, allocation, k_min
         self.correct = torch.zeros(num_prompts, dtype=torch.float64)
@@ -171,6 +195,16 @@ class CuresSampler:
         self.total[prompt_id] += len(correct)
         for ok, norm in zip(correct, grad_norms or []):
             self.grad_moments[prompt_id, 0 if ok else 1] += torch.tensor([1.0, norm, norm * norm], dtype=torch.float64)
+
+    def metrics(self, groups: list[Group]) -> dict[str, float]:
+        """Where the sampled prompts sit in difficulty, besides the learning-signal counts."""
+        out = signal_metrics(groups)
+        p = self.accuracy()
+        sampled = p[[g.prompt_id for g in groups]]
+        out["curriculum/sampled_mid_accuracy"] = float(((sampled > 0.2) & (sampled < 0.8)).double().mean())
+        for q in (0.1, 0.5, 0.9):
+            out[f"curriculum/p_hat_q{int(q * 100)}"] = float(torch.quantile(p, q))
+        return out
 
     def state_dict(self) -> dict:
         return {"num_prompts": self.num_prompts, "correct": self.correct.clone(), "total": self.total.clone(),

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlpost.errors import UserError
+from rollout.types import FinishReason, Group, Sample, UserError
 from rlpost.config import ArithmeticConfig, DataConfig
 
 
@@ -193,3 +193,50 @@ def load_prompt_sets(cfg: DataConfig, tokenizer, seed: int) -> tuple[PromptSet, 
     for prompt_set in (train_set, test_set):
         prompt_set.prompt_ids = [render_prompt(tokenizer, p.question, cfg) for p in prompt_set.problems]
     return train_set, test_set
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed responses (the dataset rollout source)
+
+_RESPONSE_KEYS = (("chosen", "rejected"), ("completion",), ("completions",))
+
+
+def load_response_groups(cfg: DataConfig, tokenizer) -> list[Group]:
+    """Rows of `data.source` with fixed responses -> one Group per row, for offline objectives.
+
+    Formats (TRL's dataset formats, standard strings or conversational message lists): preference
+    rows `prompt / chosen / rejected` (a group [chosen, rejected]; the prompt may be implicit, the
+    common start of both), prompt-completion rows `prompt / completion`, or `prompt / completions` (a
+    list). TRL's `maybe_extract_prompt` and `maybe_apply_chat_template` render them; each response
+    ends with the EOS token. `data.answer_field`, when present, is kept as the group's answer for the
+    verifier. Rows in none of these shapes are skipped and counted (in the DataError when none is left).
+    """
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+
+    rows, skipped = _read_rows(cfg.source, cfg.train_split)
+    groups: list[Group] = []
+    for row in rows:
+        keys = next((k for k in _RESPONSE_KEYS if all(key in row for key in k)), None)
+        if keys is None:
+            skipped += 1
+            continue
+        try:
+            example = maybe_extract_prompt({k: row[k] for k in ("prompt", *keys) if k in row})
+            responses = example["completions"] if keys == ("completions",) else [example[k] for k in keys]
+            rendered = [maybe_apply_chat_template({"prompt": example["prompt"], "completion": r}, tokenizer)
+                        for r in responses]
+        except (KeyError, TypeError, ValueError, IndexError):
+            skipped += 1
+            continue
+        prompt_ids = tokenizer(rendered[0]["prompt"], add_special_tokens=False).input_ids
+        samples = []
+        for r in rendered:
+            response_ids = tokenizer(r["completion"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            samples.append(Sample(list(prompt_ids), response_ids, [0.0] * len(response_ids), FinishReason.STOP,
+                                  text=r["completion"]))
+        answer = row.get(cfg.answer_field)
+        groups.append(Group(len(groups), rendered[0]["prompt"], "" if answer is None else str(answer), samples))
+    if not groups:
+        raise DataError(f"{cfg.source!r} has no rows with fixed responses (prompt + chosen/rejected, completion "
+                        f"or completions; {skipped} rows skipped)")
+    return groups

@@ -1,6 +1,11 @@
-"""Held-out accuracy: greedy (one answer per prompt) and pass@k (k samples at the rollout temperature)."""
+"""Held-out accuracy: greedy (one answer per prompt) and pass@k (k samples at the rollout temperature).
+
+`run_eval` is the one evaluation path: the trainer (before, during, after training) and `rlpost eval`
+both call it with the run's config.
+"""
 from __future__ import annotations
 
+from rlpost.config import Config
 from rlpost.data import PromptSet
 from rollout.types import SamplingParams
 
@@ -25,4 +30,13 @@ def evaluate(engine, prompts: PromptSet, reward_fn, *, max_new_tokens: int, num_
         per_prompt = [any(hits[i * pass_k:(i + 1) * pass_k]) for i in range(n)]
         result[f"pass@{pass_k}"] = sum(per_prompt) / n
         result["sample_accuracy"] = sum(hits) / len(hits)
+    return result
+
+
+def run_eval(engine, prompts: PromptSet, verifier, cfg: Config) -> dict[str, float]:
+    """`evaluate` with the config's eval settings, plus the verifier's timeout / error counters."""
+    result = evaluate(engine, prompts, verifier, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                      num_prompts=cfg.eval.num_prompts, pass_k=cfg.eval.pass_k,
+                      temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    result.update({f"reward_{k}": float(v) for k, v in verifier.pop_counters().items()})
     return result

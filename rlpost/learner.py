@@ -1,4 +1,9 @@
-"""The policy being trained: a DeepSpeed engine (ZeRO 0/2/3, AdamW, clipping) around an HF causal LM.
+"""One trainable model: a DeepSpeed engine (ZeRO 0/2/3, AdamW, clipping) around an HF causal LM.
+
+Built from a model spec and the optimisation config (`train:`), nothing else, so a second trainable
+model (PRIME's PRM) is one more `Learner(spec, train_cfg)`. The loss is given per step: for each
+micro-batch a head hook (rlpost/batch.HeadFn, run chunk by chunk over the output head inside the
+engine's forward) and a function of its outputs.
 
 Gradient accumulation is owned by the caller (`managed_gradient_accumulation: false`): a step may
 have any number of micro-batches (dynamic sampling changes it), each `backward` accumulates, and
@@ -16,9 +21,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from rlpost.batch import Decoder, Packed, head_gradient_norms, hf_decoder, token_logprobs
-from rlpost.config import Config, ConfigError
-from rlpost.models import load_model
+from rlpost.batch import Decoder, HeadFn, Packed, head_gradient_norms, head_outputs, hf_decoder
+from rlpost.config import ConfigError, TrainConfig
+from rlpost.metrics import Stats, accumulate
+from rollout.models import load_model
+from rollout.types import world
 from rlpost.streambp import check_supported, streamed_decoder
 
 
@@ -41,21 +48,15 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def world() -> tuple[int, int]:
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _deepspeed_config(cfg: Config) -> dict:
-    path = cfg.deepspeed_config_path()
+def _deepspeed_config(train: TrainConfig) -> dict:
+    path = train.deepspeed_config_path()
     if not path.is_file():
         raise ConfigError(f"train.deepspeed_config: file not found: {path}")
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON ({e})") from None
-    ds["gradient_clipping"] = cfg.train.max_grad_norm
+    ds["gradient_clipping"] = train.max_grad_norm
     if ds.get("zero_optimization", {}).get("stage", 0) == 0 and world()[1] == 1:
         ds["gradient_clipping"] = 0.0  # clipped by the Learner, which then knows the norm (DS drops it at stage 0)
     ds["train_micro_batch_size_per_gpu"] = 1
@@ -67,9 +68,10 @@ def _deepspeed_config(cfg: Config) -> dict:
     return ds
 
 
-class LogprobPolicy(torch.nn.Module):
-    """What DeepSpeed wraps: the HF model, with per-token log-probs as its forward. Going through the
-    engine's forward matters: ZeRO counts micro-batches there to accumulate (not overwrite) gradients."""
+class HeadPolicy(torch.nn.Module):
+    """What DeepSpeed wraps: the HF model, whose forward runs a head hook over the response positions.
+    Going through the engine's forward matters: ZeRO counts micro-batches there to accumulate (not
+    overwrite) gradients, and ZeRO-3 gathers the head's weights there, recomputed chunks included."""
 
     def __init__(self, lm: torch.nn.Module, decoder: Decoder = hf_decoder, logits_chunk_size: int = 256):
         super().__init__()
@@ -77,65 +79,61 @@ class LogprobPolicy(torch.nn.Module):
         self.decoder = decoder
         self.logits_chunk_size = logits_chunk_size
 
-    def forward(self, batch: Packed, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_logprobs(self.lm, batch, temperature, self.logits_chunk_size, self.decoder)
+    def forward(self, batch: Packed, head: HeadFn) -> dict[str, torch.Tensor]:
+        return head_outputs(self.lm, batch, head, self.logits_chunk_size, self.decoder)
 
 
 class Learner:
-    def __init__(self, cfg: Config):
+    def __init__(self, model_spec: str, train: TrainConfig):
         import deepspeed
 
         init_distributed()
-        ds_config = _deepspeed_config(cfg)
+        ds_config = _deepspeed_config(train)
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         hf_ds_config = None
         if self.zero_stage == 3:
             # Must exist before from_pretrained so the weights are partitioned while loading.
             from transformers.integrations import HfDeepSpeedConfig
             hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - kept alive by reference below
-        model = load_model(cfg.model.name).to(device())
+        model = load_model(model_spec).to(device())
         decoder = hf_decoder
-        if cfg.train.backward == "checkpointing":
+        if train.backward == "checkpointing":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif cfg.train.backward == "streambp":
+        elif train.backward == "streambp":
             try:
                 check_supported(model)
             except ValueError as e:
                 raise ConfigError(f"train.backward=streambp: {e}") from None
-            decoder = functools.partial(streamed_decoder, chunk_size=cfg.train.streambp_chunk_size)
+            decoder = functools.partial(streamed_decoder, chunk_size=train.streambp_chunk_size)
         model.config.use_cache = False
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                                       betas=(0.9, 0.99))
-        warmup = cfg.train.warmup_steps
+        warmup = train.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=LogprobPolicy(model, decoder, cfg.train.logits_chunk_size), optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            model=HeadPolicy(model, decoder, train.logits_chunk_size), optimizer=optimizer, lr_scheduler=scheduler,
+            config=ds_config)
         self._hf_ds_config = hf_ds_config
         self.model = self.engine.module.lm  # the HF model: HF parameter names, save_pretrained
-        self.clip_norm = cfg.train.max_grad_norm if ds_config["gradient_clipping"] == 0.0 else None
+        self.clip_norm = train.max_grad_norm if ds_config["gradient_clipping"] == 0.0 else None
         self.version = 0  # number of optimizer steps taken; stamped on rollout tokens
-
-    @torch.no_grad()
-    def logprobs(self, batch: Packed, temperature: float) -> torch.Tensor:
-        self.engine.eval()
-        logp, _ = self.engine(batch.to(self.engine.device), temperature)
-        return logp.float().cpu()
 
     def head_gradient_norms(self, batch: Packed, temperature: float) -> list[float]:
         self.engine.eval()
         return head_gradient_norms(self.model, batch.to(self.engine.device), temperature)
 
-    def train_step(self, micro_batches: list, loss_fn: Callable) -> dict[str, float]:
-        """One optimizer step. `loss_fn(micro_batch, logp, entropy) -> (loss, stats)` for each micro-batch
-        (each carrying a `.packed`); stats are summed over micro-batches, the caller normalises them."""
+    def train_step(self, micro_batches: list, head: Callable[[object], HeadFn],
+                   loss_fn: Callable[[object, dict[str, torch.Tensor]], tuple[torch.Tensor, Stats]]) -> Stats:
+        """One optimizer step over `micro_batches` (each carrying a `.packed`). For each, `head(mb)` is
+        the head hook run inside the forward and `loss_fn(mb, outputs) -> (loss, stats)` the already
+        normalised loss; stats add up over micro-batches (rlpost.metrics.Mean for weighted means)."""
         self.engine.train()
-        totals: dict[str, float] = {}
+        totals: Stats = {}
         for mb in micro_batches:
-            logp, entropy = self.engine(mb.packed.to(self.engine.device), mb.temperature)
-            loss, stats = loss_fn(mb, logp.float(), entropy)
+            outputs = self.engine(mb.packed.to(self.engine.device), head(mb))
+            loss, stats = loss_fn(mb, outputs)
             self.engine.backward(loss, scale_wrt_gas=False)
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
+            accumulate(totals, stats)
         if self.clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
         self.engine.step()

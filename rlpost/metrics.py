@@ -4,9 +4,40 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class Mean:
+    """A weighted mean that adds up across micro-batches (and ranks): total / weight."""
+    total: float
+    weight: float
+
+    def __add__(self, other: "Mean") -> "Mean":
+        return Mean(self.total + other.total, self.weight + other.weight)
+
+    @property
+    def value(self) -> float:
+        return self.total / self.weight
+
+
+# A loss's statistics: a float is summed over micro-batches (the loss itself), a Mean is averaged.
+Stats = dict[str, "float | Mean"]
+
+
+def accumulate(totals: Stats, stats: Stats) -> None:
+    for key, value in stats.items():
+        value = Mean(float(value.total), float(value.weight)) if isinstance(value, Mean) else float(value)
+        totals[key] = totals[key] + value if key in totals else value
+
+
+def resolve(stats: Stats) -> dict[str, float]:
+    """Stats as numbers; a mean over nothing (weight 0) is left out."""
+    return {k: (v.value if isinstance(v, Mean) else v) for k, v in stats.items()
+            if not (isinstance(v, Mean) and v.weight == 0)}
 
 
 class MetricsLogger:

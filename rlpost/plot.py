@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlpost.errors import UserError
+from rollout.types import UserError
 from rlpost.metrics import read_metrics
 
 PANELS = [("reward", "reward (train)"), ("eval/accuracy", "held-out accuracy (greedy)"), ("kl", "KL to reference"),

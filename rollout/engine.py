@@ -10,7 +10,7 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
-from rlpost.errors import UserError
+from rollout.types import UserError
 from rollout.types import Sample, SamplingParams
 
 
@@ -40,7 +40,7 @@ def make_engine(kind: str, model_spec: str, tokenizer, device: torch.device | st
                 max_batch_size: int = 64, tokens_per_step: int = 8, max_model_len: int = 2048,
                 seed: int = 0) -> RolloutEngine:
     """`hf`: transformers; `vllm`: vLLM in this process; `auto`: vLLM when it imports, else hf."""
-    from rlpost.models import load_model, resolve
+    from rollout.models import load_model, resolve
     from rollout import vllm_engine
 
     if kind == "auto":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rlpost.errors import UserError
+from rollout.types import UserError
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random"

@@ -1,9 +1,16 @@
-"""What the rollout side hands to the trainer: samples grouped by prompt."""
+"""The records both sides share: samples grouped by prompt, sampling parameters, the user-error base.
+
+`rlpost` (the trainer side) imports these; `rollout` and `rewards` never import `rlpost`.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+
+
+class UserError(ValueError):
+    """Bad input from the user (config, paths, data, models). The CLI prints it as one line, exit 2."""
 
 
 class FinishReason(str, Enum):
@@ -24,7 +31,11 @@ class SamplingParams:
 class Sample:
     """One response. `logprobs[t]` is the behaviour log-prob of `response_ids[t]` under the sampling
     distribution (logits / temperature, before top-p), `versions[t]` the policy version that sampled it.
-    `finished_at` is the wall-clock time (time.time()) at which the engine saw it stop or hit its length."""
+    `finished_at` is the wall-clock time (time.time()) at which the engine saw it stop or hit its length.
+
+    Rewards (rewards/) fill in the rest: `correct` is the verifier's verdict alone, `reward` the shaped
+    scalar the objective trains on (verdict plus format bonus, length penalty, ...), `token_rewards`
+    optional per-token rewards (dense process rewards, PRIME). `correct is None` means not scored yet."""
     prompt_ids: list[int]
     response_ids: list[int]
     logprobs: list[float]
@@ -33,6 +44,8 @@ class Sample:
     text: str = ""
     reward: float = 0.0
     finished_at: float | None = None
+    correct: bool | None = None
+    token_rewards: list[float] | None = None
 
     @property
     def truncated(self) -> bool:
@@ -57,3 +70,12 @@ def tail_wait_s(samples: list[Sample], start: float, share: float = 0.5) -> floa
     if not times:
         return 0.0
     return times[-1] - times[max(math.ceil(share * len(times)) - 1, 0)]
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed job, (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

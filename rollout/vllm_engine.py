@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from rlpost.errors import UserError
+from rollout.types import UserError
 from rollout.types import FinishReason, Sample, SamplingParams
 
 

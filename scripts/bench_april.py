@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_april.json")
     args = parser.parse_args()
 
-    from rlpost.models import load_tokenizer
+    from rollout.models import load_tokenizer
     from rollout.april import AprilScheduler, pending_group, stale_fraction
     from rollout.engine import make_engine
     from rollout.types import Group, SamplingParams, tail_wait_s

@@ -38,7 +38,7 @@ def worker(method: str, length: int, chunk_size: int, model_name: str) -> dict:
     import torch
 
     from rlpost.batch import hf_decoder, pack, token_logprobs
-    from rlpost.models import load_model
+    from rollout.models import load_model
     from rlpost.streambp import streamed_decoder
     from rollout.types import FinishReason, Sample
 

@@ -25,7 +25,7 @@ def gsm8k_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from rlpost.models import load_tokenizer
+    from rollout.models import load_tokenizer
     return load_tokenizer("tiny-random")
 
 
@@ -36,7 +36,7 @@ def digit_model(tmp_path_factory) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlpost.models import load_tokenizer, resolve
+    from rollout.models import load_tokenizer, resolve
 
     tokenizer = load_tokenizer("tiny-random")
     model = AutoModelForCausalLM.from_pretrained(resolve("tiny-random"))

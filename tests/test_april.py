@@ -159,7 +159,7 @@ def test_truncated_importance_weight():
 
 def noisy_hf_engine(**kwargs):
     """The real hf engine on tiny-random with large random weights: greedy tokens change at every position."""
-    from rlpost.models import load_model, load_tokenizer
+    from rollout.models import load_model, load_tokenizer
     from rollout.hf_engine import HFEngine
 
     model = load_model("tiny-random")

@@ -36,10 +36,11 @@ def test_cli_train_checkpoint_resume_eval_plot(tmp_path, digit_model):
     assert latest.resolve().name == "step_3"
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_2", "step_3"]  # keep_last=2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [r["step"] for r in rows if "reward" in r]
-    assert train_steps == [1, 2, 3]
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
     assert any(r.get("grad_norm", 0) > 0 for r in rows), "rewards never varied: nothing was trained"
-    assert "kl" in rows[-1] or "kl" in [r for r in rows if r.get("step") == 3 and "reward" in r][0]
+    # grpo.beta=0.04 only after the resume: the KL is logged (and positive: the policy has moved) only at step 3
+    assert "kl" not in steps[0] and "kl" not in steps[1] and steps[2]["kl"] > 0
     # A checkpoint of another model is refused with one line, before anything is loaded or written.
     wrong = subprocess.run([sys.executable, "-m", "rlpost.cli", *base, *sets("model.name=tiny-random"),
                             "--resume", str(latest)], cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -50,9 +51,12 @@ def test_cli_train_checkpoint_resume_eval_plot(tmp_path, digit_model):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(latest / "hf")
     assert model.config.num_hidden_layers == 2
-    result = json.loads(rlpost("eval", "configs/grpo_math.yaml", "--checkpoint", str(latest),
-                               *sets("eval.num_prompts=4", "eval.pass_k=2", "rollout.max_new_tokens=6")))
-    assert 0.0 <= result["accuracy"] <= 1.0 and "pass@2" in result
+    # `rlpost eval` and the trainer's final eval are one path: same checkpoint, same config, same numbers
+    # (greedy, and pass@2 from a seeded sampler).
+    result = json.loads(rlpost("eval", "configs/grpo_math.yaml", "--checkpoint", str(latest), *sets(*SMALL)))
+    final_eval = [r for r in rows if r["step"] == 3 and "eval/accuracy" in r][-1]
+    assert result["accuracy"] == final_eval["eval/accuracy"] and result["pass@2"] == final_eval["eval/pass@2"]
+    assert result["num_prompts"] == 4
     assert rlpost("plot", str(run)).strip().endswith("curves.png")
     assert (run / "curves.png").stat().st_size > 10_000
 
@@ -95,6 +99,14 @@ def test_two_ranks_with_the_deepspeed_launcher(tmp_path, digit_model):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run / "checkpoints" / "latest").resolve().name == "step_3"
+    # The run trained: the saved weights moved away from the initial model wherever an update happened.
+    from safetensors.torch import load_file
+    from rlpost.metrics import read_metrics
+    updates = [r for r in read_metrics(run) if "grad_norm" in r]
+    final = load_file(run / "checkpoints" / "step_3" / "hf" / "model.safetensors")
+    initial = load_file(f"{digit_model}/model.safetensors")
+    moved = any(not torch.equal(final[k], initial[k]) for k in initial)
+    assert updates and moved and all(torch.isfinite(torch.tensor(r["grad_norm"])) for r in updates)
 
 
 def test_streambp_trains_like_autograd(tmp_path, digit_model):
@@ -126,10 +138,10 @@ def test_april_trains_checkpoints_and_resumes_its_buffer(tmp_path, digit_model):
     run = tmp_path / "run"
     base = ["train", "configs/grpo_math.yaml", "--no-progress",
             *sets(*SMALL, f"model.name={digit_model}", f"run.output_dir={run}", "eval.at_start=false",
-                  "rollout.scheduler=april", "rollout.tokens_per_step=2", "rollout.off_policy=mask_stale")]
+                  "rollout.scheduler=april", "rollout.tokens_per_step=2", "grpo.off_policy=mask_stale")]
     rlpost(*base, *sets("train.max_steps=2"))
     state = load_trainer_state(run / "checkpoints" / "latest")
-    buffered = state["april"]["buffer"]
+    buffered = state["source"]["april"]["buffer"]
     assert len(buffered) == 2  # N' - B groups wait (N' = 2B = 4)
     rlpost(*base, *sets("train.max_steps=3"), "--resume", str(run / "checkpoints" / "latest"))
     rows = [r for r in read_metrics(run) if "april/groups_finished" in r]
@@ -145,20 +157,21 @@ def test_april_rollout_decodes_resumed_responses_whole(digit_model, sampler_kind
     """A response generated in pieces (aborted, recycled, resumed) is scored on the text of all its
     tokens, not on the empty text of the pending sample it started as. With CurES the groups APRIL
     returns keep the ragged sizes the sampler allocated."""
+    from rlpost.build import make_source
     from rlpost.config import load_config
     from rlpost.data import load_prompt_sets
-    from rlpost.models import load_tokenizer
-    from rlpost.trainer import april_rollout, make_april, make_sampler
     from rollout.engine import make_engine
+    from rollout.models import load_tokenizer
 
     cfg = load_config(REPO / "configs" / "grpo_math.yaml", [*SMALL, f"model.name={digit_model}",
-                                                            "rollout.tokens_per_step=2",
+                                                            "rollout.tokens_per_step=2", "rollout.scheduler=april",
                                                             f"curriculum.sampler={sampler_kind}",
                                                             "curriculum.tau=10"])  # near-uniform picks: mixed p
     tokenizer = load_tokenizer(digit_model)
     train_set, _ = load_prompt_sets(cfg.data, tokenizer, 0)
-    april = make_april(make_engine("hf", digit_model, tokenizer, tokens_per_step=2), cfg)
-    sampler = make_sampler(cfg, len(train_set))
+    engine = make_engine("hf", digit_model, tokenizer, tokens_per_step=2)
+    source = make_source(cfg, engine, train_set, tokenizer, reward=lambda groups: None, keep=None)
+    sampler = source.sampler
     for prompt_id in range(len(train_set)):  # estimated accuracies from 0 to 1: different k_i
         sampler.update(prompt_id, [j < 5 * (prompt_id % 5) for j in range(20)])
     allocated = []
@@ -171,7 +184,7 @@ def test_april_rollout_decodes_resumed_responses_whole(digit_model, sampler_kind
     sampler.next_batch = recording
     returned = []
     for version in range(3):
-        groups, _ = april_rollout(april, sampler, train_set, version, tokenizer)
+        groups, _ = source.next_groups(version)
         returned += [len(g.samples) for g in groups]
         for s in (s for g in groups for s in g.samples):
             assert s.text == tokenizer.decode(s.response_ids, skip_special_tokens=True)

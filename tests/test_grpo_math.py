@@ -87,8 +87,9 @@ def test_gspo_sequence_ratio():
 
 
 def test_overlong_penalty():
+    from rewards.outcome import overlong_penalty
     lengths = torch.tensor([16384, 18000, 20480, 20481])
-    assert grpo.overlong_penalty(lengths, 20480, 4096).tolist() == approx([0.0, -0.394531, -1.0, -1.0], 1e-6)
+    assert overlong_penalty(lengths, 20480, 4096).tolist() == approx([0.0, -0.394531, -1.0, -1.0], 1e-6)
 
 
 def test_ratio_of_one_still_has_gradient():
@@ -122,3 +123,18 @@ def test_dapo_invariant_to_micro_batch_split():
     for total, grad in results[1:]:
         assert total == pytest.approx(results[0][0], rel=1e-12)
         assert torch.allclose(grad, results[0][1], rtol=1e-12, atol=1e-15)
+
+
+def test_truncated_importance_weight_scales_the_policy_gradient_only():
+    """off_policy=tis (§2.4, as slime applies it): w * surrogate + beta * k3, the KL keeps weight 1.
+    Hand computation, ratio 1, A = 1, beta = 0.1, d = ref - logp = (-0.5, 1.0), w = (2, 0.5):
+    loss = -w + 0.1 (e^d - d - 1) = (-1.989347, -0.428172);
+    d loss / d logp = -w + 0.1 (1 - e^d) = (-1.960653, -0.671828)."""
+    logp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    loss, _ = grpo.grpo_token_loss(logp, logp.detach(), torch.tensor([1.0], dtype=torch.float64),
+                                   torch.ones(1, 2, dtype=torch.float64), eps_low=0.2, eps_high=0.28, beta=0.1,
+                                   logp_ref=torch.tensor([[-1.5, -1.0]], dtype=torch.float64),
+                                   pg_weight=torch.tensor([[2.0, 0.5]], dtype=torch.float64))
+    loss.sum().backward()
+    assert loss.detach()[0].tolist() == pytest.approx([-1.989347, -0.428172], abs=1e-6)
+    assert logp.grad[0].tolist() == pytest.approx([-1.960653, -0.671828], abs=1e-6)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import REPO, subprocess_env
-from rlpost.batch import pack, token_logprobs
+from rlpost.batch import head_outputs, pack, token_logprobs
 from rlpost.config import load_config
-from rlpost.trainer import make_loss_fn, make_micro_batches
+from rlpost.objectives.grpo import GRPO
 from rollout.types import FinishReason, Group, Sample
 
 
@@ -30,18 +30,18 @@ def _groups(seed=0):
 def test_micro_batch_split_on_a_real_model(aggregation):
     """dapo is invariant to the micro-batch split on a real model; the other aggregations are defined per
     micro-batch, so they must at least run and give finite gradients."""
-    from rlpost.models import load_model
+    from rollout.models import load_model
     model = load_model("tiny-random", dtype=torch.float64)
     results = []
     for size in (9, 4, 1):
         cfg = load_config(None, [f"train.micro_batch_size={size}", f"grpo.aggregation={aggregation}", "grpo.beta=0.1"])
         model.zero_grad()
-        micro_batches, n_glob = make_micro_batches(_groups(), cfg, pad_id=2, reference=load_model("tiny-random", dtype=torch.float64))
-        loss_fn = make_loss_fn(cfg, len(micro_batches), n_glob)
+        objective = GRPO(cfg, {"reference": load_model("tiny-random", dtype=torch.float64)}, pad_id=2)
+        groups = _groups()
+        micro_batches = objective.micro_batches(groups, objective.advantages(groups), version=0)
         total = 0.0
         for mb in micro_batches:
-            logp, entropy = token_logprobs(model, mb.packed, mb.temperature)
-            loss, _ = loss_fn(mb, logp, entropy)
+            loss, _ = objective.loss(mb, head_outputs(model, mb.packed, objective.head(mb)))
             loss.backward()
             total += loss.item()
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -54,7 +54,7 @@ def test_micro_batch_split_on_a_real_model(aggregation):
 
 
 def test_chunked_head_equals_full_logits():
-    from rlpost.models import load_model
+    from rollout.models import load_model
     model = load_model("tiny-random")
     samples = [s for g in _groups() for s in g.samples]
     batch = pack(samples, pad_id=2)
@@ -71,14 +71,14 @@ STEP_SCRIPT = """
 import json, sys, torch
 from rlpost.config import load_config
 from rlpost.learner import Learner
-from rlpost.trainer import make_loss_fn, make_micro_batches
+from rlpost.objectives.grpo import GRPO
 sys.path.insert(0, "tests")
 from test_learner import _groups
 cfg = load_config(None, ["model.name=tiny-random", "train.zero_stage=%d", "train.micro_batch_size=4", "train.lr=1e-3",
                          "train.backward=%s", "train.streambp_chunk_size=5"])
-learner = Learner(cfg)
-mbs, n = make_micro_batches(_groups(), cfg, pad_id=2)
-stats = learner.train_step(mbs, make_loss_fn(cfg, len(mbs), n))
+learner = Learner(cfg.model.name, cfg.train)
+objective, groups = GRPO(cfg, {}, pad_id=2), _groups()
+stats = learner.train_step(objective.micro_batches(groups, objective.advantages(groups), 0), objective.head, objective.loss)
 weights = dict(learner.named_weights())
 print(json.dumps({"grad_norm": stats["grad_norm"], "q": weights["model.layers.0.self_attn.q_proj.weight"][:4, :4].tolist()}))
 """
@@ -104,7 +104,7 @@ import json, sys
 from rlpost.config import load_config
 from rlpost.learner import Learner
 cfg = load_config(None, ["model.name=tiny-random", "train.zero_stage=3", "train.deepspeed_config=%s"])
-learner = Learner(cfg)
+learner = Learner(cfg.model.name, cfg.train)
 params = dict(learner.model.named_parameters())
 gathered, shapes_ok = [], True
 for name, tensor in learner.named_weights(bucket_params=%d):

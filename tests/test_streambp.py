@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlpost.algorithms import dpo, grpo
-from rlpost.batch import _head_chunk, hf_decoder, pack, token_logprobs
+from rlpost.batch import _head_chunk, hf_decoder, logprob_head, pack, token_logprobs
 from rlpost.streambp import chunk_bounds, streamed_decoder
 from rollout.types import FinishReason, Sample
 
@@ -253,7 +253,7 @@ def test_lm_head_chunking_spec_numbers():
         head.weight.copy_(W.T)
 
     def loss_of(chunk):
-        logp, _ = _head_chunk(head, H[chunk], y[chunk], 1.0)
+        logp = _head_chunk(head, logprob_head(1.0), H[chunk], y[chunk], chunk)["logp"]
         return -(logp * mask[chunk]).sum() / 5.0
 
     full = loss_of(slice(0, 6))

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not vllm_engine.available(), reason="vllm is not
 
 @pytest.fixture(scope="module")
 def engine():
-    from rlpost.models import load_tokenizer, resolve
+    from rollout.models import load_tokenizer, resolve
     return vllm_engine.VLLMEngine(resolve("smollm2-135m-instruct"), load_tokenizer("smollm2-135m-instruct"),
                                   max_batch_size=16, max_model_len=512)
 
@@ -25,7 +25,7 @@ def _prompts(tokenizer, n=4):
 def test_logprobs_match_a_transformers_forward(engine):
     """Behaviour log-probs of the sampled tokens (temperature 0.7) = log softmax(logits / 0.7) of
     transformers' float32 forward over the same tokens, within 1e-3."""
-    from rlpost.models import load_model
+    from rollout.models import load_model
     model = load_model("smollm2-135m-instruct").eval()
     for prompt, sample in zip(_prompts(engine.tokenizer, 2), engine.generate(_prompts(engine.tokenizer, 2),
                                                                             SamplingParams(24, 0.7, seed=0))):
@@ -42,12 +42,12 @@ def test_greedy_equals_the_learners_model_after_a_step_and_sync(engine):
     generations equal greedy generation with the learner's own model."""
     from rlpost.config import load_config
     from rlpost.learner import Learner
-    from rlpost.trainer import make_loss_fn, make_micro_batches
+    from rlpost.objectives.grpo import GRPO
     from rollout.hf_engine import HFEngine
     from rollout.types import Group
 
     cfg = load_config(None, ["model.name=smollm2-135m-instruct", "train.lr=1e-3", "train.micro_batch_size=8"])
-    learner = Learner(cfg)
+    learner = Learner(cfg.model.name, cfg.train)
     prompts = _prompts(engine.tokenizer)
     greedy = SamplingParams(16, 0.0)
     before = engine.generate(prompts, greedy)
@@ -55,8 +55,8 @@ def test_greedy_equals_the_learners_model_after_a_step_and_sync(engine):
     for i, s in enumerate(samples):
         s.reward = float(i < 4)  # first member of each group right, second wrong: advantages != 0
     groups = [Group(k, "", "", [samples[k], samples[k + 4]]) for k in range(4)]
-    micro_batches, n = make_micro_batches(groups, cfg, engine.tokenizer.pad_token_id)
-    learner.train_step(micro_batches, make_loss_fn(cfg, len(micro_batches), n))
+    objective = GRPO(cfg, {}, engine.tokenizer.pad_token_id)
+    learner.train_step(objective.micro_batches(groups, objective.advantages(groups), 0), objective.head, objective.loss)
     engine.load_weights(learner.named_weights(), learner.version)
     after = engine.generate(prompts, greedy)
     reference = HFEngine(learner.model, engine.tokenizer).generate(prompts, greedy)

@@ -106,22 +106,20 @@ def truncated_importance_weight(logp: torch.Tensor, logp_behaviour: torch.Tensor
     return torch.exp(logp.detach() - logp_behaviour).clamp(max=cap)
 
 
-def overlong_penalty(length: torch.Tensor, max_len: int, cache_len: int) -> torch.Tensor:
-    """DAPO soft length penalty: 0 up to max_len - cache_len, then linear down to -1 at max_len, -1 beyond."""
-    length = length.double()
-    soft_start = max_len - cache_len
-    ramp = (soft_start - length) / cache_len
-    penalty = torch.where(length <= soft_start, torch.zeros_like(length), ramp)
-    return torch.where(length > max_len, torch.full_like(length, -1.0), penalty)
-
-
 def grpo_token_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                     eps_low: float, eps_high: float, beta: float = 0.0, logp_ref: torch.Tensor | None = None,
-                    ratio_level: RatioLevel = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token GRPO loss [N, T] and detached diagnostics (clip fraction, KL) over masked tokens."""
+                    ratio_level: RatioLevel = "token", pg_weight: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token GRPO loss [N, T] and detached diagnostics (clip fraction, KL) over masked tokens.
+
+    `advantages` is [N] (one per sequence) or [N, T] (per token, e.g. PRIME's dense returns).
+    `pg_weight` [N, T] multiplies the policy-gradient term only (APRIL's truncated importance weight,
+    as slime applies it): the KL penalty keeps weight 1."""
     ratio = importance_ratio(logp, logp_old, mask, ratio_level)
-    adv = advantages.unsqueeze(-1)
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     loss = clipped_surrogate(ratio, adv, eps_low, eps_high)
+    if pg_weight is not None:
+        loss = loss * pg_weight
     stats: dict[str, torch.Tensor] = {}
     n = mask.sum().clamp(min=1)
     with torch.no_grad():

@@ -1,0 +1,55 @@
+"""Objectives: what a step trains on, and its loss. One file per method, one registry line each.
+
+The trainer calls, in this order, every step:
+
+    keep(group) -> bool                         which scored groups train (also APRIL's accept filter)
+    advantages(groups) -> Tensor | None         [N] or [N, T] per sample; None where a method has none
+    micro_batches(groups, advantages, version)  fixed-size micro-batches, with the no-grad forwards of
+                                                the objective's frozen models already done
+    head(mb) -> HeadFn                          what the output head computes, chunk by chunk
+    loss(mb, outputs) -> (loss, Stats)          the already-normalised loss of one micro-batch
+
+`frozen_models(cfg)` (a classmethod) names the frozen models an objective needs (GRPO's KL
+reference; APO's two snapshots; AlignDistil's teachers): the trainer loads them once and passes
+them to the constructor. `state_dict` / `load_state_dict` carry whatever the objective keeps between
+steps (nothing for GRPO).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from rlpost.batch import HeadFn
+from rlpost.config import Config
+from rlpost.metrics import Stats
+from rlpost.objectives.grpo import GRPO
+from rollout.types import Group
+
+
+class Objective(Protocol):
+    @classmethod
+    def frozen_models(cls, cfg: Config) -> dict[str, str]: ...
+
+    def keep(self, group: Group) -> bool: ...
+
+    def advantages(self, groups: list[Group]) -> torch.Tensor | None: ...
+
+    def micro_batches(self, groups: list[Group], advantages: torch.Tensor | None, version: int) -> list: ...
+
+    def head(self, micro_batch) -> HeadFn: ...
+
+    def loss(self, micro_batch, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+OBJECTIVES: dict[str, type] = {
+    "grpo": GRPO,
+}
+
+
+def objective_class(cfg: Config) -> type:
+    return OBJECTIVES[cfg.algorithm]

@@ -1,0 +1,194 @@
+"""Where a step's groups come from. One interface, three implementations:
+
+    SyncSource     prompts from the sampler -> engine.generate -> every group generated to the end
+    AprilSource    active partial rollouts (rollout/april.py): the first B groups to finish
+    DatasetSource  fixed responses from a file (preference pairs, reference answers): no engine
+
+    next_groups(version) -> (groups, stats)   this step's groups, unscored unless the source had to
+                                              score them (APRIL's accept filter)
+    observe(groups) -> stats                  the scored groups go back to the prompt sampler (CurES
+                                              learns from `correct`); returns the sampler's metrics
+    warm_up() -> stats                        before step 1: the sampler's own pass (CurES's
+                                              difficulty pass), nothing for the others
+    state_dict() / load_state_dict()          sampler state and APRIL's buffer: resume is exact
+
+The prompt sampler is anything meeting `PromptSampler` (rlpost/curriculum.py has uniform and CurES).
+The source scores through the `reward` callable it is given (rewards/outcome.py), which skips samples
+already scored; the trainer calls the same callable on every step's groups, so rewards are one step
+of the loop whichever source ran. Nothing here imports the trainer side (`rlpost`).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from rollout.april import AprilScheduler, pending_group
+from rollout.engine import RolloutEngine, StreamingEngine
+from rollout.types import Group, Sample, SamplingParams, UserError, world
+
+Reward = Callable[[list[Group]], object]            # scores samples in place (sets correct / reward)
+Keep = Callable[[Group], bool]                      # which scored groups are trained on
+GradNorms = Callable[[list[Sample]], list[float]]   # per-response head gradient norms (CurES option)
+
+
+class PromptSampler(Protocol):
+    wants_grad_norms: bool    # CurES's grad_norm allocation: observe() passes per-response norms
+    warm_up_rollouts: int     # rollouts of every training prompt before step 1 (0: no pass)
+
+    def next_batch(self, size: int) -> tuple[list[int], list[int]]:
+        """`size` prompt indices and the number of samples to draw for each."""
+
+    def update(self, prompt_id: int, correct: Sequence[bool], grad_norms: Sequence[float] | None = None) -> None: ...
+
+    def metrics(self, groups: list[Group]) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Prompts(Protocol):
+    """A tokenized prompt set (rlpost.data.PromptSet): `problems[i].question / .answer`, `prompt_ids[i]`."""
+    problems: list
+    prompt_ids: list[list[int]]
+
+
+def generate_groups(engine: RolloutEngine, prompts: Prompts, prompt_ids: list[int], group_sizes: list[int],
+                    params: SamplingParams) -> list[Group]:
+    """group_sizes[k] samples for prompt prompt_ids[k], all generated in one engine call."""
+    requests = [prompts.prompt_ids[i] for i, k in zip(prompt_ids, group_sizes) for _ in range(k)]
+    samples = iter(engine.generate(requests, params))
+    return [Group(prompt_id=i, prompt=prompts.problems[i].question, answer=prompts.problems[i].answer,
+                  samples=[next(samples) for _ in range(k)]) for i, k in zip(prompt_ids, group_sizes)]
+
+
+class _SampledSource:
+    """What the engine-backed sources share: the sampler, its warm-up pass and its feedback."""
+
+    def __init__(self, engine: RolloutEngine, sampler: PromptSampler, prompts: Prompts, params: SamplingParams,
+                 groups_per_step: int, reward: Reward, grad_norms: GradNorms | None = None):
+        self.engine, self.sampler, self.prompts, self.params = engine, sampler, prompts, params
+        self.groups_per_step, self.reward, self.grad_norms = groups_per_step, reward, grad_norms
+
+    def warm_up(self) -> dict[str, float]:
+        """The sampler's pass before step 1: `warm_up_rollouts` samples of every training prompt with the
+        current model, scored and observed (CurES's difficulty pass). Real cost, reported."""
+        n = self.sampler.warm_up_rollouts
+        if n == 0:
+            return {}
+        start = time.time()
+        rank, world_size = world()
+        ids = list(range(len(self.prompts.problems)))[rank::world_size]
+        groups = generate_groups(self.engine, self.prompts, ids, [n] * len(ids), self.params)
+        self.reward(groups)
+        self.observe(groups)
+        tokens = sum(len(s.response_ids) for g in groups for s in g.samples)
+        return {"init/rollouts": float(len(self.prompts.problems) * n), "init/tokens": float(tokens * world_size),
+                "init/seconds": time.time() - start}
+
+    def observe(self, groups: list[Group]) -> dict[str, float]:
+        """Every scored rollout goes to the sampler (with per-response gradient norms when it wants
+        them). All ranks see all outcomes, so their samplers stay identical."""
+        outcomes = []
+        for g in groups:
+            norms = self.grad_norms(g.samples) if self.sampler.wants_grad_norms and self.grad_norms else None
+            outcomes.append((g.prompt_id, [bool(s.correct) for s in g.samples], norms))
+        if world()[1] > 1:
+            everyone: list = [None] * world()[1]
+            torch.distributed.all_gather_object(everyone, outcomes)
+            outcomes = [o for rank_outcomes in everyone for o in rank_outcomes]
+        for prompt_id, correct, norms in outcomes:
+            self.sampler.update(prompt_id, correct, norms)
+        return self.sampler.metrics(groups)
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+
+class SyncSource(_SampledSource):
+    """B prompts per rank per step (the sampler draws B x world and each rank takes its share), each
+    group generated to the end in one engine call."""
+
+    def next_groups(self, version: int) -> tuple[list[Group], dict[str, float]]:
+        rank, world_size = world()
+        prompt_ids, group_sizes = self.sampler.next_batch(self.groups_per_step * world_size)
+        prompt_ids, group_sizes = prompt_ids[rank::world_size], group_sizes[rank::world_size]
+        return generate_groups(self.engine, self.prompts, prompt_ids, group_sizes, self.params), {}
+
+
+class AprilSource(_SampledSource):
+    """APRIL over the sampler's prompt stream: B finished groups per step, partial work kept in the
+    scheduler's buffer (part of this source's state). A finished group is decoded (a resumed response
+    was generated in pieces, so its text comes from all its token ids), scored, and passed through
+    `keep` (e.g. GRPO's dynamic sampling) before it counts towards B: the step trains on B kept groups."""
+
+    def __init__(self, engine: RolloutEngine, sampler: PromptSampler, prompts: Prompts, params: SamplingParams,
+                 groups_per_step: int, reward: Reward, tokenizer, *, submit_groups: int | None = None,
+                 keep: Keep | None = None, grad_norms: GradNorms | None = None):
+        super().__init__(engine, sampler, prompts, params, groups_per_step, reward, grad_norms)
+        if not isinstance(engine, StreamingEngine):
+            raise UserError(f"rollout.scheduler=april needs a streaming engine; {type(engine).__name__} is not one")
+        if world()[1] > 1:
+            raise UserError("rollout.scheduler=april runs on one rank in this build (each rank would need its own "
+                            "buffer and prompt stream)")
+        self.tokenizer, self.keep = tokenizer, keep
+        self.scheduler = AprilScheduler(engine, groups_per_step, submit_groups, max_new_tokens=params.max_new_tokens,
+                                        params=params, accept=self._accept)
+
+    def _accept(self, group: Group) -> bool:
+        for sample in group.samples:
+            sample.text = self.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
+        if self.keep is None:
+            return True
+        self.reward([group])
+        return self.keep(group)
+
+    def _fresh(self, n: int) -> list[Group]:
+        ids, sizes = self.sampler.next_batch(n)
+        problems, prompt_ids = self.prompts.problems, self.prompts.prompt_ids
+        return [pending_group(i, problems[i].question, problems[i].answer, prompt_ids[i], k) for i, k in zip(ids, sizes)]
+
+    def next_groups(self, version: int) -> tuple[list[Group], dict[str, float]]:
+        groups, stats = self.scheduler.rollout(self._fresh, version)
+        return groups, {f"april/{k}": v for k, v in stats.items()}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "april": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.scheduler.load_state_dict(state["april"])
+
+
+class DatasetSource:
+    """Fixed responses from a file: `groups[i]` holds prompt i's responses (a chosen / rejected pair, or
+    reference answers). The sampler (uniform epochs) picks B x world groups per step, each rank its
+    share; fresh copies are handed out, since rewards write into the samples."""
+
+    def __init__(self, groups: list[Group], sampler: PromptSampler, groups_per_step: int):
+        if not groups:
+            raise UserError("the response dataset is empty")
+        self.groups, self.sampler, self.groups_per_step = groups, sampler, groups_per_step
+
+    def warm_up(self) -> dict[str, float]:
+        return {}
+
+    def next_groups(self, version: int) -> tuple[list[Group], dict[str, float]]:
+        rank, world_size = world()
+        ids, _ = self.sampler.next_batch(self.groups_per_step * world_size)
+        return [copy.deepcopy(self.groups[i]) for i in ids[rank::world_size]], {}
+
+    def observe(self, groups: list[Group]) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
