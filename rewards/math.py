@@ -16,6 +16,7 @@ import multiprocessing as mp
 import re
 from dataclasses import dataclass, field
 
+_MINUS_SIGNS = str.maketrans({"\u2212": "-", "\uff0d": "-"})  # minus sign, full-width hyphen-minus
 _EXPRESSION = re.compile(r"[\d)}]\s*(?:[-+*×÷^]|\\times|\\cdot|\\div)\s*[\d({\\]")
 
 
@@ -40,12 +41,56 @@ def _verify(response: str, answer: str) -> tuple[bool, bool]:
     return bool(verify(gold, pred, timeout_seconds=None)), True
 
 
+def _serve(conn) -> None:
+    """The worker's loop: (response, answer) in, ("ok", (correct, has_answer)) or ("error", why) out."""
+    while True:
+        try:
+            response, answer = conn.recv()
+        except EOFError:  # the trainer side closed the pipe
+            return
+        try:
+            conn.send(("ok", _verify(response, answer)))
+        except Exception as e:  # noqa: BLE001 - reported, counted by the caller
+            conn.send(("error", repr(e)[:200]))
+
+
+class _Worker:
+    """One verifier process behind a pipe. Not a multiprocessing.Pool: a pool whose worker is killed
+    while it holds the task queue's lock deadlocks in terminate(); a lone process can always be killed
+    and replaced."""
+
+    def __init__(self):
+        # forkserver: the worker is a small clean process, not a fork of a big multithreaded trainer.
+        context = mp.get_context("forkserver")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+
+    def ask(self, response: str, answer: str, timeout: float | None) -> tuple[bool, bool]:
+        """Raises TimeoutError when no answer came in time, OSError / EOFError when the worker is gone,
+        ValueError for what `_verify` raised."""
+        self.conn.send((response, answer))
+        if not self.conn.poll(timeout):
+            raise TimeoutError
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise ValueError(value)
+        return value
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
 @dataclass
 class MathReward:
     """Callable scorer: `reward(responses, answers, stopped)` -> list of floats.
 
     correct answer -> `correct_reward`; plus `format_weight` when the response ended by itself (not
-    truncated) and contains an extractable answer.
+    truncated) and contains an extractable answer. A check that times out, a worker that dies and a
+    checker error all score 0 and are counted; a dead or stuck worker is replaced.
     """
     timeout_s: float = 5.0
     correct_reward: float = 1.0
@@ -53,22 +98,25 @@ class MathReward:
     counters: dict[str, int] = field(default_factory=lambda: {"timeouts": 0, "errors": 0, "checked": 0})
 
     def __post_init__(self):
-        self._pool = None
+        self._process: _Worker | None = None
 
-    def _worker(self):
-        if self._pool is None:
-            # forkserver: the worker is a small clean process, not a fork of a big multithreaded trainer.
-            self._pool = mp.get_context("forkserver").Pool(1)
-            self._pool.apply(_verify, ("1", "1"))  # warm up (imports, sympy caches) outside any time limit
-        return self._pool
+    def _worker(self) -> _Worker:
+        if self._process is None:
+            self._process = _Worker()
+            self._process.ask("1", "1", None)  # warm up (imports, sympy caches) outside any time limit
+        return self._process
 
     def check(self, response: str, answer: str) -> tuple[bool, bool]:
         self.counters["checked"] += 1
+        response = response.translate(_MINUS_SIGNS)  # "−5" (U+2212) is -5, which math-verify reads as 5
         try:
-            return self._worker().apply_async(_verify, (response, answer)).get(self.timeout_s)
-        except mp.TimeoutError:
+            return self._worker().ask(response, answer, self.timeout_s)
+        except TimeoutError:
             self.counters["timeouts"] += 1
             self.close()  # the worker may be stuck in C code: kill it, start a fresh one next call
+        except (OSError, EOFError):  # the worker died (killed, out of memory): replace it
+            self.counters["errors"] += 1
+            self.close()
         except Exception:  # noqa: BLE001 - any failure of the checker is reward 0, never a crash
             self.counters["errors"] += 1
         return False, False
@@ -92,10 +140,9 @@ class MathReward:
         return out
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+        if self._process is not None:
+            self._process.kill()
+            self._process = None
 
     def __del__(self):
         try:

@@ -43,6 +43,7 @@ def _quiet() -> None:
     import logging
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter of an unreachable hub
 
 
 def _cmd_train(args) -> int:
@@ -68,6 +69,8 @@ def _print_summary(summary: dict) -> None:
     print(f"training wall time: {summary.get('train_wall_s', 0.0):.0f} s")
     if summary.get("skipped_rows"):
         print(f"malformed data rows skipped: {summary['skipped_rows']}")
+    if summary.get("prompts_too_long"):
+        print(f"prompts over data.max_prompt_tokens skipped: {summary['prompts_too_long']}")
     print(f"checkpoint: {summary.get('checkpoint')}")
 
 
@@ -85,6 +88,10 @@ def _cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     path = Path(args.checkpoint)
     is_hf_folder = (path / "config.json").is_file()
+    looks_like_path = args.checkpoint.startswith((".", "/", "~")) or args.checkpoint.count("/") != 1
+    if not path.exists() and looks_like_path and args.checkpoint not in ("smollm2-135m-instruct", "tiny-random"):
+        raise UserError(f"--checkpoint {args.checkpoint}: no such checkpoint (a step dir, `latest`, a run dir, an HF "
+                        f"model folder or a model spec)")
     model_path = str(resolve_checkpoint(path) / "hf") if path.exists() and not is_hf_folder else args.checkpoint
     tokenizer = load_tokenizer(model_path)
     _, test_set = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
@@ -113,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"rlpost {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from rlpost.rundir import RunError
+        if not isinstance(e, RunError):
+            raise
+        print(f"rlpost {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rlpost: interrupted (the last complete checkpoint is intact)", file=sys.stderr)
         return 130

@@ -53,6 +53,7 @@ class DataConfig(Section):
     prompt_template: str = "{question}"
     max_train_prompts: int | None = Field(None, ge=1)
     max_test_prompts: int | None = Field(None, ge=1)
+    max_prompt_tokens: int = Field(1024, ge=1)  # longer prompts (chat template included) are skipped, counted
     arithmetic: ArithmeticConfig = ArithmeticConfig()
 
 
@@ -115,6 +116,7 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    max_bad_steps: int = Field(3, ge=1)      # consecutive steps with a non-finite loss/gradient before stopping
     micro_batch_size: int = Field(8, ge=1)   # sequences per forward/backward
     zero_stage: Literal[0, 2, 3] = 0
     # How the decoder is back-propagated: plain autograd, HF gradient checkpointing (per layer),
@@ -190,14 +192,32 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory, not a config file (pass a YAML file, e.g. configs/grpo_math.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(tree, dict):

