@@ -1,16 +1,63 @@
 """Components from the config: the one place that maps config values to classes, so the trainer
-itself has no branch per method, scheduler or sampler."""
+itself has no branch per method, scheduler, sampler or data kind."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from rlpost.config import Config, ConfigError
 from rlpost.curriculum import CuresSampler, UniformSampler
-from rlpost.data import PromptSet, load_response_groups
+from rlpost.data import PromptSet, ResponseSet, load_prompt_sets, load_response_groups
+from rlpost.evaluate import PairwiseEval, run_eval
 from rlpost.objectives import objective_class
+from rollout.engine import make_engine
 from rollout.models import load_model
-from rollout.source import AprilSource, DatasetSource, SyncSource
+from rollout.source import AprilSource, DatasetSource, RoundSource, SyncSource
 from rollout.types import SamplingParams, UserError
+
+
+@dataclass
+class RunData:
+    """Prompts to generate from (sync / april), or fixed responses (dataset), with their held-out part."""
+    train_prompts: PromptSet | None = None
+    test_prompts: PromptSet | None = None
+    responses: ResponseSet | None = None
+
+    def summary(self) -> dict:
+        if self.responses is not None:
+            r = self.responses
+            return {"train_rows": len(r.train), "held_out_rows": len(r.held_out), "skipped_rows": r.skipped,
+                    "truncated_rows": r.truncated}
+        return {"train_prompts": len(self.train_prompts), "test_prompts": len(self.test_prompts),
+                "skipped_rows": self.train_prompts.skipped + self.test_prompts.skipped,
+                "prompts_too_long": self.train_prompts.too_long + self.test_prompts.too_long}
+
+
+def load_data(cfg: Config, tokenizer) -> RunData:
+    if cfg.rollout.scheduler == "dataset":
+        return RunData(responses=load_response_groups(cfg.data, tokenizer, cfg.run.seed))
+    train, test = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
+    return RunData(train, test)
+
+
+class NoEngine:
+    """The dataset source generates nothing: no second copy of the model, no weight sync."""
+    version = 0
+
+    def generate(self, prompts, params):
+        raise RuntimeError("rollout.scheduler=dataset has no rollout engine")
+
+    def load_weights(self, named_tensors, version: int) -> None:
+        self.version = version
+
+
+def make_rollout_engine(cfg: Config, tokenizer, device: torch.device):
+    if cfg.rollout.scheduler == "dataset":
+        return NoEngine()
+    return make_engine(cfg.rollout.engine, cfg.model.name, tokenizer, device, max_batch_size=cfg.rollout.max_batch_size,
+                       tokens_per_step=cfg.rollout.tokens_per_step, seed=cfg.run.seed)
 
 
 def make_sampler(cfg: Config, num_prompts: int):
@@ -21,26 +68,45 @@ def make_sampler(cfg: Config, num_prompts: int):
     return UniformSampler(num_prompts, cfg.run.seed, cfg.rollout.group_size)
 
 
-def make_source(cfg: Config, engine, prompts: PromptSet, tokenizer, reward, keep, grad_norms=None):
+def make_source(cfg: Config, engine, data: RunData, tokenizer, reward, keep, grad_norms=None):
     """rollout.scheduler: sync | april (prompts from the curriculum's sampler, answers from `engine`) |
-    dataset (fixed responses from data.source, its rows in uniform epochs)."""
+    dataset (fixed responses, rows in uniform epochs). An objective that trains in rounds (APO) gets
+    new groups only on the first step of each round."""
     r = cfg.rollout
     params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p)
     try:
         if r.scheduler == "dataset":
-            groups = load_response_groups(cfg.data, tokenizer)
-            return DatasetSource(groups, UniformSampler(len(groups), cfg.run.seed), r.prompts_per_step)
-        sampler = make_sampler(cfg, len(prompts))
-        if r.scheduler == "april":
-            return AprilSource(engine, sampler, prompts, params, r.prompts_per_step, reward, tokenizer,
-                               submit_groups=r.april_submit_groups, keep=keep, grad_norms=grad_norms)
+            groups = data.responses.train
+            source = DatasetSource(groups, UniformSampler(len(groups), cfg.run.seed), r.prompts_per_step)
+        elif r.scheduler == "april":
+            source = AprilSource(engine, make_sampler(cfg, len(data.train_prompts)), data.train_prompts, params,
+                                 r.prompts_per_step, reward, tokenizer, submit_groups=r.april_submit_groups, keep=keep,
+                                 grad_norms=grad_norms)
+        else:
+            source = SyncSource(engine, make_sampler(cfg, len(data.train_prompts)), data.train_prompts, params,
+                                r.prompts_per_step, reward, grad_norms)
     except UserError as e:
         raise ConfigError(str(e)) from None
-    return SyncSource(engine, sampler, prompts, params, r.prompts_per_step, reward, grad_norms)
+    rounds = getattr(objective_class(cfg), "steps_per_round", None)
+    return RoundSource(source, rounds(cfg)) if rounds and rounds(cfg) > 1 else source
 
 
-def make_objective(cfg: Config, device: torch.device, pad_id: int):
-    """The objective of `algorithm:`, with the frozen models it asks for loaded once, in eval mode."""
+def make_objective(cfg: Config, device: torch.device, pad_id: int, policy_weights: Callable | None = None):
+    """The objective of `algorithm:`, with the frozen models it asks for loaded once, in eval mode.
+    `policy_weights()` gives the learner's current weights (APO snapshots them at round starts)."""
     cls = objective_class(cfg)
     frozen = {name: load_model(spec).to(device).eval() for name, spec in cls.frozen_models(cfg).items()}
-    return cls(cfg, frozen, pad_id)
+    return cls(cfg, frozen, pad_id, policy_weights)
+
+
+def make_evaluator(cfg: Config, engine, data: RunData, verifier, learner, pad_id: int) -> Callable[[], dict]:
+    """eval.kind: accuracy (generate on held-out prompts, verify) | pairwise (implicit-reward ranking of
+    held-out preference pairs)."""
+    if cfg.eval.kind == "pairwise":
+        if not data.responses.held_out:
+            raise ConfigError("eval.kind=pairwise needs held-out pairs: set data.held_out or data.test_source")
+        reference = getattr(cfg, cfg.algorithm, None)
+        reference = getattr(reference, "reference", None) or cfg.model.name
+        return PairwiseEval(learner.model, reference, data.responses.held_out[:cfg.eval.num_prompts], pad_id,
+                            cfg.train.micro_batch_size, learner.engine.device)
+    return lambda: run_eval(engine, data.test_prompts, verifier, cfg)

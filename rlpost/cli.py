@@ -62,13 +62,17 @@ def _print_summary(summary: dict) -> None:
         return
     before, after = summary.get("eval_before"), summary.get("eval_after")
     print("\n== rlpost summary ==")
+    what = "pairwise accuracy" if "num_pairs" in (after or before or {}) else "accuracy"
     if before:
-        print(f"held-out accuracy before: {before['accuracy']:.3f}  ({int(before['num_prompts'])} prompts, greedy)")
+        size = f"{int(before['num_pairs'])} pairs" if "num_pairs" in before else f"{int(before['num_prompts'])} prompts, greedy"
+        print(f"held-out {what} before: {before['accuracy']:.3f}  ({size})")
     if after:
-        print(f"held-out accuracy after:  {after['accuracy']:.3f}")
+        print(f"held-out {what} after:  {after['accuracy']:.3f}")
     print(f"training wall time: {summary.get('train_wall_s', 0.0):.0f} s")
     if summary.get("skipped_rows"):
         print(f"malformed data rows skipped: {summary['skipped_rows']}")
+    if summary.get("truncated_rows"):
+        print(f"rows cut to data.max_prompt_tokens / max_response_tokens: {summary['truncated_rows']}")
     if summary.get("prompts_too_long"):
         print(f"prompts over data.max_prompt_tokens skipped: {summary['prompts_too_long']}")
     print(f"checkpoint: {summary.get('checkpoint')}")

@@ -54,6 +54,11 @@ class DataConfig(Section):
     max_train_prompts: int | None = Field(None, ge=1)
     max_test_prompts: int | None = Field(None, ge=1)
     max_prompt_tokens: int = Field(1024, ge=1)  # longer prompts (chat template included) are skipped, counted
+    # Fixed-response files (rollout.scheduler=dataset): a longer prompt keeps its last max_prompt_tokens
+    # tokens (the turns nearest the answer), a longer response its first max_response_tokens; counted.
+    max_response_tokens: int = Field(512, ge=1)
+    held_out: int = Field(0, ge=0)      # rows of a fixed-response source held out for eval (seeded), without test_source
+    swap_pairs: bool = False            # train on rejected over chosen (the reverse DPO model of AlignDistil)
     arithmetic: ArithmeticConfig = ArithmeticConfig()
 
 
@@ -110,6 +115,20 @@ class GRPOConfig(Section):
     tis_cap: float = Field(2.0, gt=0)
 
 
+class DPOConfig(Section):
+    beta: float = Field(0.1, gt=0)           # KL strength: the implicit reward is beta (log pi - log pi_ref)
+    pairs_per_group: int = Field(1, ge=1)    # correct-over-incorrect pairs taken from each group, at most
+    reference: str | None = None             # frozen reference model; default model.name
+
+
+class APOConfig(Section):
+    """APO (ALGORITHMS.md §4): DPO in rounds; the reference of round t+1 extrapolates pi_t -> pi_(t+1)."""
+    beta: float = Field(0.1, gt=0)
+    alpha: float = Field(0.3, ge=0)          # Nesterov momentum of the reference; 0 is iterative DPO
+    steps_per_round: int = Field(4, ge=1)    # optimizer steps on one round's pairs (each a pass over all of them)
+    pairs_per_group: int = Field(2, ge=1)
+
+
 class TrainConfig(Section):
     max_steps: int = Field(20, ge=0)
     lr: float = Field(1e-6, gt=0)
@@ -136,6 +155,10 @@ class EvalConfig(Section):
     pass_k: int = Field(4, ge=1)             # samples per prompt for pass@k (1 disables sampling)
     max_new_tokens: int | None = Field(None, ge=1)  # default: rollout.max_new_tokens
     at_start: bool = True
+    # accuracy: greedy (and pass@k) accuracy on held-out prompts, scored by the verifier.
+    # pairwise: share of held-out preference pairs whose implicit reward beta (log pi - log pi_ref)
+    # ranks chosen strictly above rejected (needs rollout.scheduler=dataset and held-out pairs).
+    kind: Literal["accuracy", "pairwise"] = "accuracy"
 
 
 class CheckpointConfig(Section):
@@ -143,7 +166,7 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1)
 
 
-ALGORITHMS = ("grpo",)  # rlpost/objectives/__init__.py registers one objective per name
+ALGORITHMS = ("grpo", "dpo", "apo")  # rlpost/objectives/__init__.py registers one objective per name
 
 
 class Config(Section):
@@ -155,6 +178,8 @@ class Config(Section):
     reward: RewardConfig = RewardConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
     grpo: GRPOConfig = GRPOConfig()
+    dpo: DPOConfig = DPOConfig()
+    apo: APOConfig = APOConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -163,6 +188,9 @@ class Config(Section):
     def _consistent(self) -> "Config":
         if self.grpo.eps_low >= 1:
             raise ValueError("grpo.eps_low must be < 1 (the ratio is clipped at 1 - eps_low)")
+        if (self.rollout.scheduler == "dataset") != (self.eval.kind == "pairwise"):
+            raise ValueError("eval.kind=pairwise goes with rollout.scheduler=dataset (held-out pairs) and "
+                             "eval.kind=accuracy with generated rollouts (held-out prompts)")
         if self.curriculum.sampler == "cures" and self.rollout.group_size < self.curriculum.k_min:
             raise ValueError("rollout.group_size (the mean rollouts per prompt) must be >= curriculum.k_min")
         return self

@@ -5,6 +5,7 @@ never fatal. Prompts are rendered with the tokenizer's chat template.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -123,11 +124,13 @@ def _extract_answer(raw, answer_format: str) -> str | None:
 def _read_rows(source: str, split: str) -> tuple[list, int]:
     """Raw rows and the number of lines that were not valid JSON objects."""
     path = Path(source).expanduser()
-    if path.suffix in (".jsonl", ".json", ".parquet") and not path.exists():
+    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
+    if (jsonl or path.suffix in (".json", ".parquet")) and not path.exists():
         raise DataError(f"data file not found: {path}")
-    if path.suffix == ".jsonl":
+    if jsonl:
         rows, bad = [], 0
-        for raw in path.read_bytes().splitlines():
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        for raw in data.splitlines():
             if not raw.strip():
                 continue
             try:
@@ -208,44 +211,106 @@ def load_prompt_sets(cfg: DataConfig, tokenizer, seed: int) -> tuple[PromptSet, 
 # Fixed responses (the dataset rollout source)
 
 _RESPONSE_KEYS = (("chosen", "rejected"), ("completion",), ("completions",))
+_LAST_TURN = "\n\nAssistant:"
 
 
-def load_response_groups(cfg: DataConfig, tokenizer) -> list[Group]:
+@dataclass
+class ResponseSet:
+    """Groups of fixed responses: a preference pair is a group [chosen, rejected] whose verdicts are
+    set from the file (chosen correct), so pairs need no verifier; completions are left unscored."""
+    train: list[Group]
+    held_out: list[Group]
+    skipped: int = 0    # rows in no known shape, chosen == rejected, an empty response
+    truncated: int = 0  # rows whose prompt or a response was cut to the token limits
+
+
+def _split_hh(example: dict) -> dict:
+    """Anthropic HH rows are two whole conversations. TRL's `maybe_extract_prompt` takes their common
+    start as the prompt; that start can run into the final assistant turns when both begin alike, so
+    the prompt is cut back to end with the last "\n\nAssistant:" and the rest returned to each reply."""
+    from trl.data_utils import maybe_extract_prompt
+
+    example = maybe_extract_prompt(example)
+    prompt = example["prompt"]
+    if isinstance(prompt, str) and _LAST_TURN in prompt and not prompt.rstrip().endswith(_LAST_TURN.strip()):
+        cut = prompt.rindex(_LAST_TURN) + len(_LAST_TURN)
+        tail = prompt[cut:]
+        example = {"prompt": prompt[:cut], "chosen": tail + example["chosen"], "rejected": tail + example["rejected"]}
+    return example
+
+
+def _response_group(row: dict, index: int, cfg: DataConfig, tokenizer) -> tuple[Group | None, bool]:
+    """One row -> (group or None when unusable, whether it was truncated)."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    keys = next((k for k in _RESPONSE_KEYS if all(key in row for key in k)), None)
+    if keys is None:
+        return None, False
+    try:
+        example = {k: row[k] for k in ("prompt", *keys) if k in row}
+        if keys == ("chosen", "rejected"):
+            example = _split_hh(example)
+        responses = example["completions"] if keys == ("completions",) else [example[k] for k in keys]
+        rendered = [maybe_apply_chat_template({"prompt": example["prompt"], "completion": r}, tokenizer)
+                    for r in responses]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None, False
+    texts = [r["completion"] for r in rendered]
+    if not all(t.strip() for t in texts) or (keys == ("chosen", "rejected") and texts[0] == texts[1]):
+        return None, False
+    prompt_ids = tokenizer(rendered[0]["prompt"], add_special_tokens=False).input_ids
+    cut = len(prompt_ids) > cfg.max_prompt_tokens
+    prompt_ids = prompt_ids[-cfg.max_prompt_tokens:]
+    samples = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        cut |= len(ids) > cfg.max_response_tokens
+        ids = ids[:cfg.max_response_tokens]
+        samples.append(Sample(list(prompt_ids), ids, [0.0] * len(ids), FinishReason.STOP, text=text))
+    if keys == ("chosen", "rejected"):
+        chosen, rejected = samples if not cfg.swap_pairs else samples[::-1]
+        chosen.correct, chosen.reward, rejected.correct, rejected.reward = True, 1.0, False, 0.0
+        samples = [chosen, rejected]
+    answer = row.get(cfg.answer_field)
+    return Group(index, rendered[0]["prompt"], "" if answer is None else str(answer), samples), cut
+
+
+def load_response_groups(cfg: DataConfig, tokenizer, seed: int = 0) -> ResponseSet:
     """Rows of `data.source` with fixed responses -> one Group per row, for offline objectives.
 
     Formats (TRL's dataset formats, standard strings or conversational message lists): preference
-    rows `prompt / chosen / rejected` (a group [chosen, rejected]; the prompt may be implicit, the
-    common start of both), prompt-completion rows `prompt / completion`, or `prompt / completions` (a
-    list). TRL's `maybe_extract_prompt` and `maybe_apply_chat_template` render them; each response
-    ends with the EOS token. `data.answer_field`, when present, is kept as the group's answer for the
-    verifier. Rows in none of these shapes are skipped and counted (in the DataError when none is left).
+    rows `prompt / chosen / rejected`, or `chosen / rejected` whole conversations with the prompt
+    implicit (Anthropic HH: see `_split_hh`); prompt-completion rows `prompt / completion`, or
+    `prompt / completions` (a list). TRL's `maybe_extract_prompt` and `maybe_apply_chat_template`
+    render them; each response ends with the EOS token. `data.answer_field`, when present, is kept
+    as the group's answer for the verifier. Unusable rows are skipped and counted; long ones are cut
+    (see DataConfig.max_prompt_tokens / max_response_tokens) and counted. The held-out rows are
+    `data.test_source`, or else `data.held_out` rows drawn from the source with the run's seed.
     """
-    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+    def load(source: str, offset: int = 0) -> tuple[list[Group], int, int]:
+        rows, skipped = _read_rows(source, cfg.train_split)
+        groups, truncated = [], 0
+        for row in rows:
+            group, cut = _response_group(row, offset + len(groups), cfg, tokenizer)
+            skipped += group is None
+            truncated += cut
+            if group is not None:
+                groups.append(group)
+        return groups, skipped, truncated
 
-    rows, skipped = _read_rows(cfg.source, cfg.train_split)
-    groups: list[Group] = []
-    for row in rows:
-        keys = next((k for k in _RESPONSE_KEYS if all(key in row for key in k)), None)
-        if keys is None:
-            skipped += 1
-            continue
-        try:
-            example = maybe_extract_prompt({k: row[k] for k in ("prompt", *keys) if k in row})
-            responses = example["completions"] if keys == ("completions",) else [example[k] for k in keys]
-            rendered = [maybe_apply_chat_template({"prompt": example["prompt"], "completion": r}, tokenizer)
-                        for r in responses]
-        except (KeyError, TypeError, ValueError, IndexError):
-            skipped += 1
-            continue
-        prompt_ids = tokenizer(rendered[0]["prompt"], add_special_tokens=False).input_ids
-        samples = []
-        for r in rendered:
-            response_ids = tokenizer(r["completion"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            samples.append(Sample(list(prompt_ids), response_ids, [0.0] * len(response_ids), FinishReason.STOP,
-                                  text=r["completion"]))
-        answer = row.get(cfg.answer_field)
-        groups.append(Group(len(groups), rendered[0]["prompt"], "" if answer is None else str(answer), samples))
+    groups, skipped, truncated = load(cfg.source)
+    if cfg.test_source:
+        held_out, more_skipped, more_truncated = load(cfg.test_source, offset=len(groups))
+        skipped, truncated = skipped + more_skipped, truncated + more_truncated
+    else:
+        order = list(range(len(groups)))
+        random.Random(seed).shuffle(order)
+        chosen = set(order[:cfg.held_out])
+        held_out = [g for i, g in enumerate(groups) if i in chosen]
+        groups = [g for i, g in enumerate(groups) if i not in chosen]
+    for i, g in enumerate(groups):  # prompt ids index the training rows
+        g.prompt_id = i
     if not groups:
-        raise DataError(f"{cfg.source!r} has no rows with fixed responses (prompt + chosen/rejected, completion "
-                        f"or completions; {skipped} rows skipped)")
-    return groups
+        raise DataError(f"{cfg.source!r} has no usable rows with fixed responses (prompt + chosen/rejected, "
+                        f"completion or completions; {skipped} rows skipped)")
+    return ResponseSet(groups, held_out, skipped, truncated)

@@ -24,16 +24,13 @@ import torch
 
 from rlpost import checkpoint as ckpt
 from rlpost.batch import pack
-from rlpost.build import make_objective, make_source
+from rlpost.build import load_data, make_evaluator, make_objective, make_rollout_engine, make_source
 from rlpost.config import Config, dump_config
-from rlpost.data import load_prompt_sets
-from rlpost.evaluate import run_eval
 from rlpost.learner import Learner
 from rlpost.metrics import MetricsLogger, Stats, progress_bar, resolve
 from rlpost.rundir import RunError, run_lock
 from rewards.math import MathReward
 from rewards.outcome import OutcomeReward
-from rollout.engine import make_engine
 from rollout.models import load_tokenizer
 from rollout.types import Group, UserError, tail_wait_s, world
 
@@ -46,6 +43,8 @@ def seed_everything(seed: int) -> None:
 
 def step_metrics(groups: list[Group], train_stats: Stats, step_start: float, rollout_s: float, step_s: float) -> dict:
     samples = [s for g in groups for s in g.samples]
+    if not samples:  # a step that trains on earlier samples (APO inside a round)
+        return {"step_s": step_s, **resolve(train_stats)}
     tokens = sum(len(s.response_ids) for s in samples)
     informative = [len({s.reward for s in g.samples}) > 1 for g in groups]
     return {
@@ -91,12 +90,10 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
 
     # The components. Nothing below this block knows which method, scheduler or sampler runs.
     tokenizer = load_tokenizer(cfg.model.name)
-    train_set, test_set = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
+    data = load_data(cfg, tokenizer)  # prompts to generate from, or fixed responses
     learner = Learner(cfg.model.name, cfg.train)
-    engine = make_engine(cfg.rollout.engine, cfg.model.name, tokenizer, learner.engine.device,
-                         max_batch_size=cfg.rollout.max_batch_size, tokens_per_step=cfg.rollout.tokens_per_step,
-                         seed=cfg.run.seed)
-    objective = make_objective(cfg, learner.engine.device, tokenizer.pad_token_id)
+    engine = make_rollout_engine(cfg, tokenizer, learner.engine.device)
+    objective = make_objective(cfg, learner.engine.device, tokenizer.pad_token_id, learner.named_weights)
     verifier = MathReward(timeout_s=cfg.reward.timeout_s, format_weight=cfg.reward.format_weight)
     rewards = OutcomeReward(verifier, max_new_tokens=cfg.rollout.max_new_tokens,
                             overlong_penalty=cfg.reward.overlong_penalty, overlong_cache=cfg.reward.overlong_cache)
@@ -104,12 +101,11 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
     def grad_norms(samples):  # CurES's grad_norm allocation asks for them: an extra forward
         return learner.head_gradient_norms(pack(samples, tokenizer.pad_token_id), cfg.rollout.temperature)
 
-    source = make_source(cfg, engine, train_set, tokenizer, rewards, objective.keep, grad_norms)
+    source = make_source(cfg, engine, data, tokenizer, rewards, objective.keep, grad_norms)
+    evaluator = make_evaluator(cfg, engine, data, verifier, learner, tokenizer.pad_token_id)
     rank, _ = world()
     is_main = rank == 0
-    summary: dict = {"train_prompts": len(train_set), "test_prompts": len(test_set),
-                     "skipped_rows": train_set.skipped + test_set.skipped,
-                     "prompts_too_long": train_set.too_long + test_set.too_long}
+    summary: dict = data.summary()
     start_step = 0
     if state is not None:
         try:
@@ -127,7 +123,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
     logger = MetricsLogger(run_dir, enabled=is_main)
 
     def evaluate(step: int) -> dict:
-        result = run_eval(engine, test_set, verifier, cfg)
+        result = evaluator()
         logger.log(step, {f"eval/{k}": v for k, v in result.items()})
         return result
 
@@ -163,13 +159,14 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
 
         metrics = step_metrics(groups, train_stats, t0, rollout_s, time.time() - t0)
         metrics.update(sampler_stats)
+        metrics.update(objective.metrics())
         metrics.update(rollout_stats)
         metrics.update({f"reward/{k}": float(v) for k, v in verifier.pop_counters().items()})
         logger.log(step, metrics)
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
             evaluate(step)
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.3f}",
-                        tok_s=f"{metrics['tokens_per_s']:.0f}", **({"skipped": "nan/inf"} if bad_steps else {}))
+        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "accuracy", "loss", "tokens_per_s") if k in metrics}
+                        | ({"skipped": "nan/inf"} if bad_steps else {}))
         bar.update(1)
         if step == cfg.train.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             trainer_state = {"source": source.state_dict(), "objective": objective.state_dict(),

@@ -132,7 +132,7 @@ def resume_and_compare(run: Path, reference: dict) -> tuple[str, str]:
     return f"yes, from {latest.name}", "nothing (weights = uninterrupted run)" if same(final_weights(run), reference) else "YES: weights differ"
 
 
-def kill_trials(out: Path, n: int, reference: dict, wall: float, rng: random.Random) -> list[tuple]:
+def kill_trials(out: Path, n: int, reference: dict, wall: float, train_s: float, rng: random.Random) -> list[tuple]:
     rows, outcomes = [], []
     for i in range(n):
         run = out / f"kill_{i}"
@@ -145,8 +145,10 @@ def kill_trials(out: Path, n: int, reference: dict, wall: float, rng: random.Ran
             while time.time() - start < wall * 2 and not (run / "checkpoints" / f".step_{target}.tmp").exists():
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.3))
-        else:
-            time.sleep(rng.uniform(0.3, 1.0) * wall)
+        else:  # once the first checkpoint exists, at a random moment of the remaining steps and saves
+            while time.time() - start < wall * 2 and not (run / "checkpoints" / "latest").is_symlink():
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, train_s))
         moment = time.time() - start
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -187,8 +189,11 @@ def main() -> int:
         print(proc.stderr[-3000:])
         return 1
     reference = final_weights(out / "reference")
-    print(f"reference run: {STEPS} steps in {wall:.1f} s", flush=True)
-    rows = kill_trials(out, args.kills, reference, wall, rng)
+    from rlpost.metrics import read_metrics
+    times = [r["time"] for r in read_metrics(out / "reference") if "reward" in r]
+    train_s = times[-1] - times[0] + 1.0  # from the first step's end (checkpoint 1) to the end, and the final eval
+    print(f"reference run: {STEPS} steps in {wall:.1f} s (steps 2-{STEPS} and their checkpoints: {train_s:.1f} s)", flush=True)
+    rows = kill_trials(out, args.kills, reference, wall, train_s, rng)
 
     for fault, what in [("nan_once", "NaN loss at step 2"), ("nan_always", "NaN loss from step 2 on"),
                         ("disk_full", "no space left writing checkpoint 2"),

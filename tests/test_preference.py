@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.algorithms import dpo
+from conftest import REPO
 from rlpost.objectives.dpo import build_pairs
 
 
@@ -54,3 +55,119 @@ def test_dpo_loss_against_the_softplus_form():
 ])
 def test_pairs_inside_a_group(correct, k, expected):
     assert build_pairs(correct, k) == expected
+
+
+# --- preference files -----------------------------------------------------------------------------
+
+HH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+def _hh_rows(n):
+    import gzip
+    import json
+    if not HH.is_file():
+        pytest.skip("HH data not found beside the repo")
+    with gzip.open(HH, "rt") as f:
+        return [json.loads(next(f)) for _ in range(n)]
+
+
+def test_hh_rows_split_into_prompt_and_final_assistant_turns(tmp_path, tokenizer):
+    """Each HH row is two whole conversations; the prompt is the dialogue up to and including the last
+    "\\n\\nAssistant:", the pair is the two final replies. Checked against a plain rsplit of the raw text."""
+    import json
+    from rlpost.config import DataConfig
+    from rlpost.data import load_response_groups
+
+    rows = _hh_rows(40)
+    path = tmp_path / "hh.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    data = load_response_groups(DataConfig(source=str(path), max_prompt_tokens=100_000, max_response_tokens=100_000),
+                                tokenizer)
+    marker = "\n\nAssistant:"
+    checked = 0
+    for row in rows:
+        cut_c, cut_r = row["chosen"].rindex(marker) + len(marker), row["rejected"].rindex(marker) + len(marker)
+        if row["chosen"][:cut_c] != row["rejected"][:cut_r] or row["chosen"][cut_c:] == row["rejected"][cut_r:]:
+            continue  # the dialogues differ before the last turn, or the pair is no pair
+        group = next(g for g in data.train if g.prompt == row["chosen"][:cut_c])
+        chosen, rejected = group.samples
+        assert (chosen.text, rejected.text) == (row["chosen"][cut_c:], row["rejected"][cut_r:])
+        assert chosen.correct and not rejected.correct
+        assert chosen.prompt_ids == tokenizer(group.prompt, add_special_tokens=False).input_ids
+        checked += 1
+    assert checked >= 30
+
+
+def test_bad_and_long_preference_rows_are_skipped_or_cut_and_counted(tmp_path, tokenizer):
+    import json
+    from rlpost.config import DataConfig
+    from rlpost.data import load_response_groups
+
+    rows = [{"prompt": "Q1", "chosen": "good", "rejected": "bad"},
+            {"prompt": "Q2", "chosen": "same", "rejected": "same"},        # no preference
+            {"prompt": "Q3", "chosen": "", "rejected": "bad"},              # empty response
+            {"prompt": "Q4", "chosen": "only one side"},                    # missing field
+            {"prompt": "word " * 400, "chosen": "ok " * 300, "rejected": "no"}]  # long: cut
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    data = load_response_groups(DataConfig(source=str(path), max_prompt_tokens=64, max_response_tokens=32), tokenizer)
+    assert len(data.train) == 2 and data.skipped == 3 and data.truncated == 1
+    long = data.train[1]
+    assert len(long.samples[0].prompt_ids) == 64 and len(long.samples[0].response_ids) == 32
+    swapped = load_response_groups(DataConfig(source=str(path), swap_pairs=True), tokenizer)
+    preferred, other = swapped.train[0].samples  # the preferred member comes first
+    assert (preferred.text, preferred.correct, other.text, other.correct) == ("bad", True, "good", False)
+
+
+# --- the objectives in real runs --------------------------------------------------------------------
+
+def _preference_file(tmp_path):
+    import json
+    rows = [{"prompt": f"What is {a} + {b}?", "chosen": str(a + b), "rejected": str(a + b + 1 + a % 3)}
+            for a in range(1, 9) for b in range(1, 4)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def _run(tmp_path, name, model, steps, *extra, resume=None):
+    from rlpost.config import load_config
+    from rlpost.trainer import train
+    cfg = load_config(REPO / "configs" / "dpo_hh.yaml", [
+        f"model.name={model}", f"run.output_dir={tmp_path / name}", f"data.source={_preference_file(tmp_path)}",
+        "data.held_out=4", "rollout.prompts_per_step=4", "train.micro_batch_size=4", "train.lr=1e-3",
+        f"train.max_steps={steps}", "checkpoint.every=1", "checkpoint.keep_last=10", *extra])
+    train(cfg, resume=resume, show_progress=False)
+    from safetensors.torch import load_file
+    return load_file(tmp_path / name / "checkpoints" / f"step_{steps}" / "hf" / "model.safetensors")
+
+
+def _equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+APO = ["algorithm=apo", "apo.steps_per_round=2", "apo.pairs_per_group=1"]
+
+
+def test_apo_round_one_is_iterative_dpo_and_alpha_acts_from_round_two(tmp_path, digit_model):
+    """Round 1 has no previous policy: APO (alpha 0.3) and iterative DPO (alpha 0) take bit-identical
+    steps. From round 2 the extrapolated reference differs, so the weights do."""
+    apo_1 = _run(tmp_path, "apo1", digit_model, 2, *APO, "apo.alpha=0.3")
+    dpo_1 = _run(tmp_path, "dpo1", digit_model, 2, *APO, "apo.alpha=0")
+    assert _equal(apo_1, dpo_1)
+    apo_2 = _run(tmp_path, "apo2", digit_model, 4, *APO, "apo.alpha=0.3")
+    dpo_2 = _run(tmp_path, "dpo2", digit_model, 4, *APO, "apo.alpha=0")
+    assert not _equal(apo_2, dpo_2)
+
+
+def test_apo_resumes_inside_a_round_exactly(tmp_path, digit_model):
+    """Rounds of 2 steps; stop after step 3 (inside round 2), resume, finish step 4: the same weights as
+    4 uninterrupted steps (the round's pairs, reference log-probs and snapshot are in the checkpoint)."""
+    from rlpost.metrics import read_metrics
+    straight = _run(tmp_path, "a", digit_model, 4, *APO)
+    _run(tmp_path, "b", digit_model, 3, *APO)
+    resumed = _run(tmp_path, "b", digit_model, 4, *APO, resume=str(tmp_path / "b" / "checkpoints" / "step_3"))
+    assert _equal(straight, resumed)
+    rows = [r for r in read_metrics(tmp_path / "a") if "loss" in r]
+    assert [r["round"] for r in rows] == [1, 1, 2, 2] and all("rewards/accuracies" in r for r in rows)
+    assert rows[0]["round/start_margin"] == 0.0 and rows[2]["round/start_margin"] != 0.0  # alpha 0.3 from round 2

@@ -82,8 +82,9 @@ def test_dataset_source_reads_trl_formats_and_resumes(tmp_path, tokenizer):
         {"prompt": "What is 1 + 1?", "completion": "2", "answer": "2"},                            # prompt-completion
         {"question": "no responses"},                                                              # skipped
     ]
-    groups = load_response_groups(DataConfig(source=_write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer)
-    assert [len(g.samples) for g in groups] == [2, 2, 1]
+    data = load_response_groups(DataConfig(source=_write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer)
+    groups = data.train
+    assert [len(g.samples) for g in groups] == [2, 2, 1] and data.skipped == 1 and not data.held_out
     chosen, rejected = groups[1].samples
     assert "<|im_start|>user\nWhat is 3 + 3?" in groups[1].prompt
     assert tokenizer.decode(chosen.response_ids).startswith("6") and tokenizer.decode(rejected.response_ids).startswith("7")
@@ -99,7 +100,7 @@ def test_dataset_source_reads_trl_formats_and_resumes(tmp_path, tokenizer):
     resumed = DatasetSource(groups, UniformSampler(len(groups), seed=5), groups_per_step=2)
     resumed.load_state_dict(state)
     assert [[g.prompt for g in resumed.next_groups(v)[0]] for v in (1, 2)] == after
-    assert all(s.reward == 0.0 for g in groups for s in g.samples)
+    assert [s.reward for g in groups for s in g.samples] == [1.0, 0.0, 1.0, 0.0, 0.0]  # labels from the file only
 
 
 def test_rollout_and_rewards_never_import_the_trainer_side():

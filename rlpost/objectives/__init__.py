@@ -11,7 +11,9 @@ The trainer calls, in this order, every step:
 
 `frozen_models(cfg)` (a classmethod) names the frozen models an objective needs (GRPO's KL
 reference; APO's two snapshots; AlignDistil's teachers): the trainer loads them once and passes
-them to the constructor. `state_dict` / `load_state_dict` carry whatever the objective keeps between
+them to the constructor, with `policy_weights()` (the learner's current weights, for objectives
+that snapshot the policy). An objective that trains several steps on one round of samples has a
+`steps_per_round(cfg)` classmethod; its source then yields groups only at round starts. `state_dict` / `load_state_dict` carry whatever the objective keeps between
 steps (nothing for GRPO).
 """
 from __future__ import annotations
@@ -23,6 +25,8 @@ import torch
 from rlpost.batch import HeadFn
 from rlpost.config import Config
 from rlpost.metrics import Stats
+from rlpost.objectives.apo import APO
+from rlpost.objectives.dpo import DPO
 from rlpost.objectives.grpo import GRPO
 from rollout.types import Group
 
@@ -41,6 +45,9 @@ class Objective(Protocol):
 
     def loss(self, micro_batch, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]: ...
 
+    def metrics(self) -> dict[str, float]:
+        """Numbers of the objective itself for this step's log (pairs built, round, ...)."""
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -48,6 +55,8 @@ class Objective(Protocol):
 
 OBJECTIVES: dict[str, type] = {
     "grpo": GRPO,
+    "dpo": DPO,
+    "apo": APO,
 }
 
 

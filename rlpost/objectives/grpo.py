@@ -35,7 +35,7 @@ class GRPOMicroBatch:
 
 
 class GRPO:
-    def __init__(self, cfg: Config, frozen: dict[str, torch.nn.Module], pad_id: int):
+    def __init__(self, cfg: Config, frozen: dict[str, torch.nn.Module], pad_id: int, policy_weights=None):
         self.cfg = cfg.grpo
         self.temperature, self.max_new_tokens = cfg.rollout.temperature, cfg.rollout.max_new_tokens
         self.micro_batch_size, self.pad_id = cfg.train.micro_batch_size, pad_id
@@ -124,6 +124,9 @@ class GRPO:
         if "kl" in stats:
             out["kl"] = Mean(float(stats["kl"]) * tokens, tokens)
         return loss, out
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     def state_dict(self) -> dict:
         return {}
