@@ -38,15 +38,15 @@ def install(fault: str) -> None:
     if fault in ("nan_once", "nan_always"):
         from rlpost import learner as learner_module
         from rlpost.objectives.grpo import GRPO
-        real_loss, real_step, now = GRPO.loss, learner_module.Learner.train_step, {"version": 0}
+        real_loss, real_step, calls = GRPO.loss, learner_module.Learner.train_step, {"n": 0}
 
         def train_step(self, micro_batches, head, loss_fn):
-            now["version"] = self.version
+            calls["n"] += 1
             return real_step(self, micro_batches, head, loss_fn)
 
-        def loss(self, mb, outputs):
+        def loss(self, mb, outputs):  # NaN in the 2nd optimizer step (nan_once) or in every one from the 2nd on
             value, stats = real_loss(self, mb, outputs)
-            bad = now["version"] == 1 if fault == "nan_once" else now["version"] >= 1
+            bad = calls["n"] == 2 if fault == "nan_once" else calls["n"] >= 2
             return (value * float("nan") if bad else value), stats
         GRPO.loss, learner_module.Learner.train_step = loss, train_step
     elif fault == "disk_full":
@@ -193,7 +193,7 @@ def main() -> int:
     times = [r["time"] for r in read_metrics(out / "reference") if "reward" in r]
     train_s = times[-1] - times[0] + 1.0  # from the first step's end (checkpoint 1) to the end, and the final eval
     print(f"reference run: {STEPS} steps in {wall:.1f} s (steps 2-{STEPS} and their checkpoints: {train_s:.1f} s)", flush=True)
-    rows = kill_trials(out, args.kills, reference, wall, train_s, rng)
+    rows = kill_trials(out, args.kills, reference, wall, train_s, rng) if args.kills else []
 
     for fault, what in [("nan_once", "NaN loss at step 2"), ("nan_always", "NaN loss from step 2 on"),
                         ("disk_full", "no space left writing checkpoint 2"),
@@ -206,10 +206,19 @@ def main() -> int:
         rows_ = [r for r in read_metrics(run) if "reward" in r] if (run / "metrics.jsonl").exists() else []
         seen = f"exit {proc.returncode}: {last_line(proc)}" if proc.returncode else \
             f"exit 0; metrics: nonfinite at steps {[r['step'] for r in rows_ if r.get('nonfinite')]}, " \
-            f"verifier timeouts {sum(r.get('reward/timeouts', 0) for r in rows_):.0f}"
+            f"verifier timeouts {sum(r.get('reward/timeouts', 0) for r in rows_):.0f}, " \
+            f"errors {sum(r.get('reward/errors', 0) for r in rows_):.0f}"
         if proc.returncode == 0:
             rows.append((what, seen, "not needed (run finished)", "nothing (finite weights, all steps logged)"
                          if len(rows_) == STEPS else "YES: steps missing"))
+        elif fault == "nan_always":  # the skipped steps changed nothing: latest holds the last good weights
+            from rlpost.checkpoint import resolve_checkpoint
+            from safetensors.torch import load_file
+            latest = resolve_checkpoint(run / "checkpoints" / "latest")
+            good = same(load_file(latest / "hf" / "model.safetensors"),
+                        load_file(run / "checkpoints" / "step_1" / "hf" / "model.safetensors"))
+            rows.append((what, seen, f"latest = {latest.name}", "nothing (latest = the weights after step 1, the "
+                         "last good one)" if good else "YES: latest differs from the last good weights"))
         else:
             resumed, lost = resume_and_compare(run, reference)
             rows.append((what, seen, resumed, lost))

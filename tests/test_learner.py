@@ -77,19 +77,30 @@ from test_learner import _groups
 cfg = load_config(None, ["model.name=tiny-random", "train.zero_stage=%d", "train.micro_batch_size=4", "train.lr=1e-3",
                          "train.backward=%s", "train.streambp_chunk_size=5"])
 learner = Learner(cfg.model.name, cfg.train)
-objective, groups = GRPO(cfg, {}, pad_id=2), _groups()
+groups = _groups()
+if "%s" == "dpo":  # pairs from the verdicts, reference = the initial model
+    from rlpost.objectives.dpo import DPO
+    from rollout.models import load_model
+    for g in groups:
+        for s in g.samples:
+            s.correct = s.reward > 0.5
+    objective = DPO(cfg, {"reference": load_model("tiny-random")}, pad_id=2)
+else:
+    objective = GRPO(cfg, {}, pad_id=2)
 stats = learner.train_step(objective.micro_batches(groups, objective.advantages(groups), 0), objective.head, objective.loss)
 weights = dict(learner.named_weights())
 print(json.dumps({"grad_norm": stats["grad_norm"], "q": weights["model.layers.0.self_attn.q_proj.weight"][:4, :4].tolist()}))
 """
 
 
-def test_zero_stages_agree():
+@pytest.mark.parametrize("objective", ["grpo", "dpo"])
+def test_zero_stages_agree(objective):
     """ZeRO 0, 2 and 3 take the same step from the same micro-batches (grads accumulate, not overwrite),
-    with autograd and with StreamBP (whose parameters get their gradient once per micro-batch)."""
+    with autograd and with StreamBP (whose parameters get their gradient once per micro-batch), for
+    GRPO's token-level loss and DPO's sequence-level one."""
     out = {}
     for stage, backward in ((0, "autograd"), (2, "autograd"), (3, "autograd"), (2, "streambp"), (3, "streambp")):
-        proc = subprocess.run([sys.executable, "-c", STEP_SCRIPT % (stage, backward)], cwd=REPO, capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", STEP_SCRIPT % (stage, backward, objective)], cwd=REPO, capture_output=True,
                               text=True, env=subprocess_env(), timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[stage, backward] = json.loads(proc.stdout.strip().splitlines()[-1])
