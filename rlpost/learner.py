@@ -95,7 +95,7 @@ class Learner:
             # Must exist before from_pretrained so the weights are partitioned while loading.
             from transformers.integrations import HfDeepSpeedConfig
             hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - kept alive by reference below
-        model = load_model(model_spec).to(device())
+        model = load_model(model_spec, partitioned=True).to(device())
         decoder = hf_decoder
         if train.backward == "checkpointing":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

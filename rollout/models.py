@@ -13,6 +13,7 @@ The cache dir is $RLPOST_CACHE (default ~/.cache/rlpost), models under `models/`
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -154,7 +155,24 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
+@contextlib.contextmanager
+def _whole():
+    """While a ZeRO-3 learner exists (transformers' HfDeepSpeedConfig is alive), transformers
+    partitions every model it loads; frozen models and the rollout engine's copy must stay whole."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, partitioned: bool = False):
+    """The model of `spec`, whole; `partitioned=True` (the ZeRO-3 learner's own model) lets
+    transformers partition it while loading."""
     from transformers import AutoModelForCausalLM
 
-    return _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
+    with contextlib.nullcontext() if partitioned else _whole():
+        return _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)

@@ -157,7 +157,7 @@ def test_april_rollout_decodes_resumed_responses_whole(digit_model, sampler_kind
     """A response generated in pieces (aborted, recycled, resumed) is scored on the text of all its
     tokens, not on the empty text of the pending sample it started as. With CurES the groups APRIL
     returns keep the ragged sizes the sampler allocated."""
-    from rlpost.build import make_source
+    from rlpost.build import RunData, make_source
     from rlpost.config import load_config
     from rlpost.data import load_prompt_sets
     from rollout.engine import make_engine
@@ -170,7 +170,7 @@ def test_april_rollout_decodes_resumed_responses_whole(digit_model, sampler_kind
     tokenizer = load_tokenizer(digit_model)
     train_set, _ = load_prompt_sets(cfg.data, tokenizer, 0)
     engine = make_engine("hf", digit_model, tokenizer, tokens_per_step=2)
-    source = make_source(cfg, engine, train_set, tokenizer, reward=lambda groups: None, keep=None)
+    source = make_source(cfg, engine, RunData(train_set), tokenizer, reward=lambda groups: None, keep=None)
     sampler = source.sampler
     for prompt_id in range(len(train_set)):  # estimated accuracies from 0 to 1: different k_i
         sampler.update(prompt_id, [j < 5 * (prompt_id % 5) for j in range(20)])
