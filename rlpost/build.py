@@ -99,14 +99,15 @@ def make_objective(cfg: Config, device: torch.device, pad_id: int, policy_weight
     return cls(cfg, frozen, pad_id, policy_weights)
 
 
-def make_evaluator(cfg: Config, engine, data: RunData, verifier, learner, pad_id: int) -> Callable[[], dict]:
-    """eval.kind: accuracy (generate on held-out prompts, verify) | pairwise (implicit-reward ranking of
-    held-out preference pairs)."""
+def make_evaluator(cfg: Config, engine, data: RunData, verifier, policy: torch.nn.Module | None, device,
+                   pad_id: int) -> Callable[[], dict]:
+    """eval.kind: accuracy (`engine` generates on held-out prompts, `verifier` scores) | pairwise
+    (`policy`'s implicit-reward ranking of held-out preference pairs). The trainer and `rlpost eval`
+    both evaluate through here."""
     if cfg.eval.kind == "pairwise":
         if not data.responses.held_out:
             raise ConfigError("eval.kind=pairwise needs held-out pairs: set data.held_out or data.test_source")
-        reference = getattr(cfg, cfg.algorithm, None)
-        reference = getattr(reference, "reference", None) or cfg.model.name
-        return PairwiseEval(learner.model, reference, data.responses.held_out[:cfg.eval.num_prompts], pad_id,
-                            cfg.train.micro_batch_size, learner.engine.device)
+        reference = getattr(getattr(cfg, cfg.algorithm, None), "reference", None) or cfg.model.name
+        return PairwiseEval(policy, reference, data.responses.held_out[:cfg.eval.num_prompts], pad_id,
+                            cfg.train.micro_batch_size, device)
     return lambda: run_eval(engine, data.test_prompts, verifier, cfg)

@@ -81,27 +81,30 @@ def _print_summary(summary: dict) -> None:
 def _cmd_eval(args) -> int:
     from pathlib import Path
 
+    from rlpost.build import load_data, make_evaluator
     from rlpost.checkpoint import resolve_checkpoint
     from rlpost.config import load_config
-    from rlpost.data import load_prompt_sets
-    from rlpost.evaluate import run_eval
     from rewards.math import MathReward
     from rollout.engine import make_engine
-    from rollout.models import load_tokenizer
+    from rollout.models import SPECS, load_model, load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     path = Path(args.checkpoint)
     is_hf_folder = (path / "config.json").is_file()
     looks_like_path = args.checkpoint.startswith((".", "/", "~")) or args.checkpoint.count("/") != 1
-    if not path.exists() and looks_like_path and args.checkpoint not in ("smollm2-135m-instruct", "tiny-random"):
+    if not path.exists() and looks_like_path and args.checkpoint not in SPECS:
         raise UserError(f"--checkpoint {args.checkpoint}: no such checkpoint (a step dir, `latest`, a run dir, an HF "
                         f"model folder or a model spec)")
     model_path = str(resolve_checkpoint(path) / "hf") if path.exists() and not is_hf_folder else args.checkpoint
     tokenizer = load_tokenizer(model_path)
-    _, test_set = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
-    engine = make_engine(cfg.rollout.engine, model_path, tokenizer, max_batch_size=cfg.rollout.max_batch_size)
+    data = load_data(cfg, tokenizer)
+    # the checkpoint generates (accuracy) or is ranked against the config's reference model (pairwise)
+    pairwise = cfg.eval.kind == "pairwise"
+    engine = None if pairwise else make_engine(cfg.rollout.engine, model_path, tokenizer,
+                                               max_batch_size=cfg.rollout.max_batch_size)
+    policy = load_model(model_path).eval() if pairwise else None
     verifier = MathReward(timeout_s=cfg.reward.timeout_s)
-    result = run_eval(engine, test_set, verifier, cfg)
+    result = make_evaluator(cfg, engine, data, verifier, policy, "cpu", tokenizer.pad_token_id)()
     verifier.close()
     print(json.dumps({"checkpoint": model_path, **result}, indent=2))
     return 0

@@ -102,7 +102,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
         return learner.head_gradient_norms(pack(samples, tokenizer.pad_token_id), cfg.rollout.temperature)
 
     source = make_source(cfg, engine, data, tokenizer, rewards, objective.keep, grad_norms)
-    evaluator = make_evaluator(cfg, engine, data, verifier, learner, tokenizer.pad_token_id)
+    evaluator = make_evaluator(cfg, engine, data, verifier, learner.model, learner.engine.device, tokenizer.pad_token_id)
     rank, _ = world()
     is_main = rank == 0
     summary: dict = data.summary()

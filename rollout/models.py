@@ -27,6 +27,7 @@ from rollout.types import UserError
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random"
 TINY_DIGITS = "tiny-digits"
+SPECS = (SMOLLM2, TINY_RANDOM, TINY_DIGITS)  # the names that are not paths or hub ids
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

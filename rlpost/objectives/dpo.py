@@ -24,7 +24,7 @@ from rlpost.algorithms import dpo
 from rlpost.batch import HeadFn, Packed, logprob_head, pack, token_logprobs
 from rlpost.config import Config
 from rlpost.metrics import Mean, Stats
-from rollout.types import Group, Sample, world
+from rollout.types import FinishReason, Group, Sample, world
 
 
 def build_pairs(correct: list[bool], pairs_per_group: int) -> list[tuple[int, int]]:
@@ -110,7 +110,7 @@ class DPO:
             torch.distributed.all_reduce(sums)
             torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
             total = float(sums[0])
-            empty = pack([Sample([self.pad_id], [self.pad_id], [0.0], "stop")] * 2, self.pad_id)
+            empty = pack([Sample([self.pad_id], [self.pad_id], [0.0], FinishReason.STOP)] * 2, self.pad_id)
             empty.response_mask.zero_()
             parts += [(empty, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))] * (int(most) - count)
         per_rank = max(total / world()[1], 1e-12)
