@@ -52,7 +52,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=16, help="prompts per round (B)")
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--steps-per-round", type=int, default=4)
+    parser.add_argument("--steps-per-round", type=int, default=2)
+    parser.add_argument("--pairs-per-group", type=int, default=1)
+    parser.add_argument("--grpo-seeds", type=int, nargs="*", default=None, help="default: --seeds")
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--out", default="runs/bench_apo")
@@ -68,9 +70,12 @@ def main() -> int:
         for arm, alpha in (("iterative DPO (alpha 0)", 0.0), (f"APO (alpha {args.alpha})", args.alpha)):
             rows = run(out, f"{'apo' if alpha else 'idpo'}_seed{seed}", "configs/apo_math.yaml",
                        [*common, f"apo.alpha={alpha}", f"apo.steps_per_round={S}", f"train.max_steps={R * S}",
+                        f"apo.pairs_per_group={args.pairs_per_group}",
                         f"eval.every={S}", f"rollout.prompts_per_step={args.prompts}"])
             curves.setdefault(arm, []).append(evals(rows))
             pairs.setdefault(arm, []).append(sum(r.get("round/pairs", 0) for r in rows) / R)
+        if seed not in (args.seeds if args.grpo_seeds is None else args.grpo_seeds):
+            continue
         # GRPO with the same rollouts: B/2 prompts per step, 2 steps per round
         rows = run(out, f"grpo_seed{seed}", "configs/grpo_math.yaml",
                    [*common, f"rollout.prompts_per_step={args.prompts // 2}", f"train.max_steps={2 * R}", "eval.every=2"])
