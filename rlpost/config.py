@@ -129,6 +129,19 @@ class APOConfig(Section):
     pairs_per_group: int = Field(2, ge=1)
 
 
+class AlignDistilConfig(Section):
+    """AlignDistil (ALGORITHMS.md §5): distil towards a teacher made from a DPO and a reverse-DPO model."""
+    dpo_model: str | None = None             # a DPO-trained model (algorithm=dpo); required
+    reverse_model: str | None = None         # the same trained on swapped pairs (data.swap_pairs=true); required
+    mode: Literal["aligndistil", "theorem1", "theorem1_adaptive"] = "aligndistil"
+    beta: float = Field(0.1, gt=0)           # the token loss weight is beta / w
+    gamma: float = Field(10.0, ge=0)         # w_t = gamma ||p_dpo - p_rev||_1 + 1e-3 (adaptive modes)
+    w: float = Field(0.1, gt=0)              # the fixed w of mode theorem1
+    temperature: float = Field(1.0, gt=0)    # T_kd, on the teacher's logits only
+    reference: str | None = None             # z_ref of the theorem-1 modes; default model.name
+    states: Literal["on_policy", "off_policy"] = "on_policy"  # own samples, or the preferred responses of a file
+
+
 class TrainConfig(Section):
     max_steps: int = Field(20, ge=0)
     lr: float = Field(1e-6, gt=0)
@@ -166,7 +179,7 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1)
 
 
-ALGORITHMS = ("grpo", "dpo", "apo")  # rlpost/objectives/__init__.py registers one objective per name
+ALGORITHMS = ("grpo", "dpo", "apo", "aligndistil")  # rlpost/objectives/__init__.py registers one objective per name
 
 
 class Config(Section):
@@ -180,6 +193,7 @@ class Config(Section):
     grpo: GRPOConfig = GRPOConfig()
     dpo: DPOConfig = DPOConfig()
     apo: APOConfig = APOConfig()
+    aligndistil: AlignDistilConfig = AlignDistilConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

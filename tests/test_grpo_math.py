@@ -138,3 +138,17 @@ def test_truncated_importance_weight_scales_the_policy_gradient_only():
     loss.sum().backward()
     assert loss.detach()[0].tolist() == pytest.approx([-1.989347, -0.428172], abs=1e-6)
     assert logp.grad[0].tolist() == pytest.approx([-1.960653, -0.671828], abs=1e-6)
+
+
+def test_per_token_advantages_broadcast_like_per_sequence_ones():
+    """Advantages may be [N] (one per sequence) or [N, T] (per token, e.g. dense PRIME returns): the
+    same values spread over the tokens give the same loss and gradient."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -2.2]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    adv = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    grads = []
+    for a in (adv, adv.unsqueeze(-1).expand(2, 3)):
+        loss, _ = grpo.grpo_token_loss(logp, logp.detach() + 0.1, a, mask, eps_low=0.2, eps_high=0.28)
+        total = grpo.aggregate(loss, mask, "bnpo")
+        grads.append((float(total), torch.autograd.grad(total, logp)[0]))
+    assert grads[0][0] == grads[1][0] and torch.equal(grads[0][1], grads[1][1])

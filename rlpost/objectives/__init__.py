@@ -25,6 +25,7 @@ import torch
 from rlpost.batch import HeadFn
 from rlpost.config import Config
 from rlpost.metrics import Stats
+from rlpost.objectives.aligndistil import AlignDistil
 from rlpost.objectives.apo import APO
 from rlpost.objectives.dpo import DPO
 from rlpost.objectives.grpo import GRPO
@@ -57,6 +58,7 @@ OBJECTIVES: dict[str, type] = {
     "grpo": GRPO,
     "dpo": DPO,
     "apo": APO,
+    "aligndistil": AlignDistil,
 }
 
 
