@@ -47,11 +47,6 @@ class APO(DPO):
     def steps_per_round(cls, cfg: Config) -> int:
         return cfg.apo.steps_per_round
 
-    def keep(self, group: Group) -> bool:
-        """Every group of a round's start reaches micro_batches (groups without a pair are counted
-        there): a non-empty list is what tells the objective that a new round begins."""
-        return True
-
     def _roll_snapshots(self) -> None:
         self.previous.load_state_dict(self.latest.state_dict())
         if self.policy_weights is not None:
@@ -79,7 +74,7 @@ class APO(DPO):
                 margins.append(self.beta * dpo.preference_margin(latest[:n], latest[n:], ref[:n], ref[n:]))
             start_margin = float(torch.cat(margins).mean()) if margins else 0.0
             self._metrics = {"round": float(self.round), "round/pairs": float(len(pairs)),
-                             "round/groups_without_pair": float(len(groups) - sum(map(super().keep, groups))),
+                             "round/groups_without_pair": float(len(groups) - sum(map(self.has_pair, groups))),
                              "round/start_margin": start_margin}
         else:
             self._metrics = {"round": float(self.round)}

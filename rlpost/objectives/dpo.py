@@ -53,8 +53,10 @@ class PairBatch:
 
 
 def sequence_logps(model: torch.nn.Module, packed: Packed) -> torch.Tensor:
+    """log pi(y|x) per row under a frozen model, float64 on the CPU."""
+    batch = packed.to(next(model.parameters()).device)
     with torch.no_grad():
-        return dpo.sequence_logps(token_logprobs(model, packed, 1.0)[0].double(), packed.response_mask.double())
+        return dpo.sequence_logps(token_logprobs(model, batch, 1.0)[0].double(), batch.response_mask.double()).cpu()
 
 
 class DPO:
@@ -71,6 +73,11 @@ class DPO:
         return {"reference": cfg.dpo.reference or cfg.model.name}
 
     def keep(self, group: Group) -> bool:
+        """Every group reaches micro_batches: one without a pair (a tie) contributes none and is counted
+        there (`groups_without_pair`). (APO also needs the non-empty list as its round-start signal.)"""
+        return True
+
+    def has_pair(self, group: Group) -> bool:
         return bool(build_pairs([bool(s.correct) for s in group.samples], self.pairs_per_group))
 
     def advantages(self, groups: list[Group]) -> None:
@@ -88,7 +95,7 @@ class DPO:
 
     def micro_batches(self, groups: list[Group], advantages, version: int) -> list[PairBatch]:
         pairs = self.pairs(groups)
-        self._metrics = {"pairs": float(len(pairs)), "groups_without_pair": float(len(groups) - sum(map(self.keep, groups)))}
+        self._metrics = {"pairs": float(len(pairs)), "groups_without_pair": float(len(groups) - sum(map(self.has_pair, groups)))}
         return self.pack_pairs(pairs)
 
     def pack_pairs(self, pairs: list[tuple[Sample, Sample]]) -> list[PairBatch]:

@@ -81,8 +81,9 @@ class GRPO:
                 adv = torch.nn.functional.pad(adv, (0, max(width - adv.shape[1], 0)))[:, :width]
             ref_logp = None
             if self.reference is not None:
-                with torch.no_grad():
-                    ref_logp = token_logprobs(self.reference, packed, self.temperature)[0].float()
+                with torch.no_grad():  # on the reference's device, kept on the CPU with the rest of the batch
+                    ref_device = next(self.reference.parameters()).device
+                    ref_logp = token_logprobs(self.reference, packed.to(ref_device), self.temperature)[0].float().cpu()
             parts.append((packed, adv, loss_mask, padded([s.logprobs for s in chunk], width), ref_logp))
         count, global_tokens = len(parts), sum(float(p[2].sum()) for p in parts)
         if world()[1] > 1:
