@@ -171,3 +171,24 @@ def test_apo_resumes_inside_a_round_exactly(tmp_path, digit_model):
     rows = [r for r in read_metrics(tmp_path / "a") if "loss" in r]
     assert [r["round"] for r in rows] == [1, 1, 2, 2] and all("rewards/accuracies" in r for r in rows)
     assert rows[0]["round/start_margin"] == 0.0 and rows[2]["round/start_margin"] != 0.0  # alpha 0.3 from round 2
+
+
+def test_apo_snapshots_roll_with_a_tied_output_head():
+    """Round start: previous <- latest, latest <- the learner's current weights; tiny-random ties its
+    output head to the embeddings (as SmolLM2 does), so the head is no parameter of its own."""
+    import copy
+    from rlpost.config import load_config
+    from rlpost.objectives.apo import APO
+    from rollout.models import load_model
+    latest = load_model("tiny-random")
+    assert latest.config.tie_word_embeddings
+    policy = copy.deepcopy(latest)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    old = {k: v.clone() for k, v in latest.state_dict().items()}
+    objective = APO(load_config(None, ["algorithm=apo"]), {"latest": latest, "previous": load_model("tiny-random")},
+                    pad_id=2, policy_weights=lambda: ((n, p.detach()) for n, p in policy.named_parameters()))
+    objective._roll_snapshots()
+    assert all(torch.equal(objective.previous.state_dict()[k], v) for k, v in old.items())
+    assert all(torch.equal(objective.latest.state_dict()[k], v) for k, v in policy.state_dict().items())

@@ -48,10 +48,13 @@ class APO(DPO):
         return cfg.apo.steps_per_round
 
     def _roll_snapshots(self) -> None:
+        """previous <- latest; latest <- the learner's weights now (parameter by parameter: a tied output
+        head is not a parameter of its own and follows its embedding)."""
         self.previous.load_state_dict(self.latest.state_dict())
-        if self.policy_weights is not None:
-            current = dict(self.policy_weights())
-            self.latest.load_state_dict({k: current[k].to(v.dtype) for k, v in self.latest.state_dict().items()})
+        params = dict(self.latest.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self.policy_weights():
+                params[name].copy_(tensor)
 
     def micro_batches(self, groups: list[Group], advantages, version: int) -> list[PairBatch]:
         if groups:  # the first step of a round: new samples
