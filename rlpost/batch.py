@@ -62,7 +62,7 @@ def hf_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
                                position_ids=position_ids).last_hidden_state
 
 
-def _response_hidden(model: torch.nn.Module, batch: Packed, decoder: Decoder = hf_decoder) -> torch.Tensor:
+def response_hidden(model: torch.nn.Module, batch: Packed, decoder: Decoder = hf_decoder) -> torch.Tensor:
     """Final hidden states at the positions that score the response tokens, [N, T, d]."""
     P, T = batch.prompt_width, batch.response_mask.shape[1]
     hidden = decoder(model, batch.input_ids, batch.attention_mask, batch.position_ids)
@@ -105,7 +105,7 @@ def head_outputs(model: torch.nn.Module, batch: Packed, head: HeadFn, chunk_size
     (autograd, HF checkpointing, StreamBP).
     """
     P, T = batch.prompt_width, batch.response_mask.shape[1]
-    hidden = _response_hidden(model, batch, decoder)
+    hidden = response_hidden(model, batch, decoder)
     targets = batch.input_ids[:, P:P + T]
     lm_head = model.get_output_embeddings()
     chunks = []
@@ -136,7 +136,7 @@ def head_gradient_norms(model: torch.nn.Module, batch: Packed, temperature: floa
     sum_{t,t'} <e_t - p_t, e_t' - p_t'> <h_t, h_t'> / T^2: two [T, T] Gram matrices, no [V, d] gradient.
     """
     P = batch.prompt_width
-    hidden = _response_hidden(model, batch)
+    hidden = response_hidden(model, batch)
     lm_head = model.get_output_embeddings()
     norms = []
     for row in range(hidden.shape[0]):

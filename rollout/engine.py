@@ -10,8 +10,7 @@ from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
-from rollout.types import UserError
-from rollout.types import Sample, SamplingParams
+from rollout.types import Sample, SamplingParams, UserError
 
 
 @runtime_checkable

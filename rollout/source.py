@@ -1,8 +1,9 @@
-"""Where a step's groups come from. One interface, three implementations:
+"""Where a step's groups come from. One interface, three implementations and a wrapper:
 
     SyncSource     prompts from the sampler -> engine.generate -> every group generated to the end
     AprilSource    active partial rollouts (rollout/april.py): the first B groups to finish
     DatasetSource  fixed responses from a file (preference pairs, reference answers): no engine
+    RoundSource    wraps one of them for objectives that train several steps per batch of samples
 
     next_groups(version) -> (groups, stats)   this step's groups, unscored unless the source had to
                                               score them (APRIL's accept filter)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from rlpost.algorithms import aligndistil as ad
-from rlpost.batch import HeadFn, Packed, _response_hidden, pack
+from rlpost.batch import HeadFn, Packed, response_hidden, pack
 from rlpost.config import Config, ConfigError
 from rlpost.metrics import Mean, Stats
 from rollout.types import FinishReason, Group, Sample, world
@@ -74,7 +74,7 @@ class AlignDistil:
         for start in range(0, len(samples), self.micro_batch_size):
             packed = pack(samples[start:start + self.micro_batch_size], self.pad_id)
             with torch.no_grad():
-                hidden = {name: _response_hidden(model, packed.to(_device(model))).detach()
+                hidden = {name: response_hidden(model, packed.to(_device(model))).detach()
                           for name, model in self.teachers.items()}
             parts.append((packed, hidden))
         total, count = float(len(samples)), len(parts)
