@@ -105,7 +105,7 @@ def test_dataset_source_reads_trl_formats_and_resumes(tmp_path, tokenizer):
 
 def test_rollout_and_rewards_never_import_the_trainer_side():
     code = ("import sys, rollout.source, rollout.engine, rollout.april, rollout.hf_engine, rollout.vllm_engine, "
-            "rollout.models, rewards.outcome, rewards.math; "
+            "rollout.models, rewards.outcome, rewards.math, rewards.implicit_prm; "
             "bad = sorted(m for m in sys.modules if m == 'rlpost' or m.startswith('rlpost.')); "
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,75 @@
+"""Implicit PRM maths (ALGORITHMS.md §6.8): token, cumulative and step rewards, the two training
+losses, PRIME's RLOO returns in both forms."""
+import pytest
+import torch
+
+from rewards import implicit_prm as prm
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_rewards_values_and_steps_of_the_spec():
+    ratio, mask = t([[0.4, 0.2, -1.0, 0.2, 0.6, 0.0]]), torch.ones(1, 6, dtype=torch.float64)
+    rho = prm.token_rewards(ratio, torch.zeros_like(ratio), mask, beta=0.05)
+    assert rho[0].tolist() == pytest.approx([0.02, 0.01, -0.05, 0.01, 0.03, 0.0], abs=1e-12)
+    q = prm.cumulative_values(rho, mask)
+    assert q[0].tolist() == pytest.approx([0.02, 0.03, -0.02, -0.01, 0.02, 0.02], abs=1e-12)
+    values, rewards, step_mask = prm.step_values(q, [[1, 3, 5]])  # steps end at tokens 2, 4, 6 (1-based)
+    assert values[0].tolist() == pytest.approx([0.03, -0.01, 0.02], abs=1e-12)
+    assert rewards[0].tolist() == pytest.approx([0.03, -0.04, 0.03], abs=1e-12)
+    scores = prm.response_scores(values, rewards, step_mask)
+    assert float(scores["min_step_reward"]) == pytest.approx(-0.04, abs=1e-12)
+    assert float(scores["sum_step_reward"]) == pytest.approx(0.02, abs=1e-12) == pytest.approx(float(q[0, -1]))
+    r = q[:, -1]
+    assert float(prm.ce_loss(r, torch.tensor([1.0]))) == pytest.approx(0.683197, abs=1e-6)
+    assert float(prm.ce_loss(r, torch.tensor([0.0]))) == pytest.approx(0.703197, abs=1e-6)
+    assert float(prm.dpo_loss(r, t([-0.1]))) == pytest.approx(0.634946, abs=1e-6)
+
+
+def test_padding_steps_never_win_the_min():
+    q = t([[0.1, 0.2, 0.3], [0.5, -0.2, 0.4]])
+    values, rewards, step_mask = prm.step_values(q, [[2], [0, 1, 2]])
+    scores = prm.response_scores(values, rewards, step_mask)
+    assert scores["min_step_reward"].tolist() == pytest.approx([0.3, -0.7])
+    assert scores["min_step_value"].tolist() == pytest.approx([0.3, -0.2])
+
+
+def _prime_batch():
+    rows = [[0.2, 0.4], [-0.3, 0.0, 0.3], [0.6]]
+    rho, mask = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)
+    for i, r in enumerate(rows):
+        rho[i, :len(r)], mask[i, :len(r)] = t(r), 1
+    return rho, mask, t([1.0, 0.0, 1.0])
+
+
+def test_prime_rloo_paper_form():
+    rho, mask, outcomes = _prime_batch()
+    dense, outcome = prm.rloo_returns(rho, mask, outcomes, [3], form="paper")
+    assert dense[0, :2].tolist() == pytest.approx([0.0, 0.1], abs=1e-12)
+    assert dense[1].tolist() == pytest.approx([-1.35, -0.6, -0.15], abs=1e-12)
+    assert dense[2, :1].tolist() == pytest.approx([0.45], abs=1e-12)
+    total = dense + outcome
+    assert total[0, :2].tolist() == pytest.approx([0.5, 0.6], abs=1e-12)
+    assert total[1].tolist() == pytest.approx([-2.35, -1.6, -1.15], abs=1e-12)
+    assert total[2, :1].tolist() == pytest.approx([0.95], abs=1e-12)
+    assert (total * (1 - mask)).abs().sum() == 0  # nothing off the responses
+
+
+def test_prime_rloo_code_form_differs_after_the_first_token():
+    rho, mask, outcomes = _prime_batch()
+    dense, _ = prm.rloo_returns(rho, mask, outcomes, [3], form="code")
+    paper, _ = prm.rloo_returns(rho, mask, outcomes, [3], form="paper")
+    assert dense[0, :2].tolist() == pytest.approx([0.0, 0.15], abs=1e-12)
+    assert dense[1].tolist() == pytest.approx([-1.35, -0.45, 0.0], abs=1e-12)
+    assert dense[2, :1].tolist() == pytest.approx([0.45], abs=1e-12)
+    assert torch.allclose(dense[:, 0], paper[:, 0])
+
+
+def test_whitening_over_masked_tokens():
+    rho, mask, _ = _prime_batch()
+    w = prm.whiten(rho, mask)
+    valid = w[mask.bool()]
+    assert float(valid.mean()) == pytest.approx(0.0, abs=1e-12) and float(valid.std(unbiased=False)) == pytest.approx(1.0, abs=1e-6)
+    assert float(prm.max_abs_scale(rho, mask).abs().max()) == pytest.approx(1.0)
