@@ -107,3 +107,42 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch
 def max_abs_scale(returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The released code's "batch_norm" of dense returns: divide by the batch's largest |return|."""
     return returns / (returns * mask).abs().max().clamp(min=1e-12)
+
+
+class ImplicitPRMScorer:
+    """A trained implicit PRM and its frozen reference: token, step and response scores for a batch.
+
+    The batch is rlpost's packed layout ([left-padded prompt | right-padded response], response token t
+    scored by the logits at column P - 1 + t); the log-probs are computed `chunk_size` positions at a
+    time, so no [T, vocab] logits are held for a sequence. `beta` only scales the scores (rankings and
+    thresholds on q scale with it)."""
+
+    def __init__(self, prm: torch.nn.Module, reference: torch.nn.Module, beta: float = 0.05, chunk_size: int = 256):
+        self.prm, self.reference = prm.eval(), reference.eval()
+        self.beta, self.chunk_size = beta, chunk_size
+
+    @torch.no_grad()
+    def _logps(self, model: torch.nn.Module, input_ids, attention_mask, position_ids, prompt_width: int, width: int):
+        device = next(model.parameters()).device
+        hidden = model.get_decoder()(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                     position_ids=position_ids.to(device)).last_hidden_state
+        hidden = hidden[:, prompt_width - 1:prompt_width - 1 + width]
+        targets = input_ids[:, prompt_width:prompt_width + width].to(device)
+        head, out = model.get_output_embeddings(), []
+        for start in range(0, width, self.chunk_size):
+            logits = head(hidden[:, start:start + self.chunk_size]).float()
+            out.append(torch.log_softmax(logits, -1).gather(-1, targets[:, start:start + self.chunk_size, None]).squeeze(-1))
+        return torch.cat(out, 1).double().cpu()
+
+    def score(self, input_ids, attention_mask, position_ids, response_mask, prompt_width: int,
+              step_ends: Sequence[Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
+        width = response_mask.shape[1]
+        mask = response_mask.double()
+        args = (input_ids, attention_mask, position_ids, prompt_width, width)
+        rho = token_rewards(self._logps(self.prm, *args), self._logps(self.reference, *args), mask, self.beta)
+        q = cumulative_values(rho, mask)
+        ends = step_ends if step_ends is not None else [[int(mask[i].sum()) - 1] for i in range(len(mask))]
+        values, rewards, step_mask = step_values(q, ends)
+        return {"token_rewards": rho, "q": q, "outcome": q.gather(1, (mask.sum(-1).long() - 1).clamp(min=0)[:, None])[:, 0],
+                "step_values": values, "step_rewards": rewards, "step_mask": step_mask,
+                **response_scores(values, rewards, step_mask)}

@@ -53,11 +53,26 @@ class NoEngine:
         self.version = version
 
 
+class FixedPolicy:
+    """An engine whose weights stay those it was loaded with: for objectives that train another model
+    than the one that samples (an implicit PRM learns from a fixed policy's samples)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def load_weights(self, named_tensors, version: int) -> None:
+        pass
+
+
 def make_rollout_engine(cfg: Config, tokenizer, device: torch.device):
     if cfg.rollout.scheduler == "dataset":
         return NoEngine()
-    return make_engine(cfg.rollout.engine, cfg.model.name, tokenizer, device, max_batch_size=cfg.rollout.max_batch_size,
-                       tokens_per_step=cfg.rollout.tokens_per_step, seed=cfg.run.seed)
+    engine = make_engine(cfg.rollout.engine, cfg.model.name, tokenizer, device, max_batch_size=cfg.rollout.max_batch_size,
+                         tokens_per_step=cfg.rollout.tokens_per_step, seed=cfg.run.seed)
+    return engine if getattr(objective_class(cfg), "trains_the_sampler", True) else FixedPolicy(engine)
 
 
 def make_sampler(cfg: Config, num_prompts: int):

@@ -129,6 +129,14 @@ class APOConfig(Section):
     pairs_per_group: int = Field(2, ge=1)
 
 
+class PRMConfig(Section):
+    """Implicit PRM training (ALGORITHMS.md §6): r(y) = beta (log pi_phi(y) - log pi_ref(y)) from outcome labels."""
+    beta: float = Field(0.05, gt=0)
+    loss: Literal["ce", "dpo"] = "ce"        # ce: every labelled response; dpo: correct over incorrect pairs
+    pairs_per_group: int = Field(1, ge=1)    # dpo only
+    reference: str | None = None             # the frozen reference; default model.name
+
+
 class AlignDistilConfig(Section):
     """AlignDistil (ALGORITHMS.md §5): distil towards a teacher made from a DPO and a reverse-DPO model."""
     dpo_model: str | None = None             # a DPO-trained model (algorithm=dpo); required
@@ -179,7 +187,7 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1)
 
 
-ALGORITHMS = ("grpo", "dpo", "apo", "aligndistil")  # rlpost/objectives/__init__.py registers one objective per name
+ALGORITHMS = ("grpo", "dpo", "apo", "aligndistil", "implicit_prm")  # rlpost/objectives/__init__.py registers one objective per name
 
 
 class Config(Section):
@@ -194,6 +202,7 @@ class Config(Section):
     dpo: DPOConfig = DPOConfig()
     apo: APOConfig = APOConfig()
     aligndistil: AlignDistilConfig = AlignDistilConfig()
+    prm: PRMConfig = PRMConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -73,3 +73,54 @@ def test_whitening_over_masked_tokens():
     valid = w[mask.bool()]
     assert float(valid.mean()) == pytest.approx(0.0, abs=1e-12) and float(valid.std(unbiased=False)) == pytest.approx(1.0, abs=1e-6)
     assert float(prm.max_abs_scale(rho, mask).abs().max()) == pytest.approx(1.0)
+
+
+def test_prm_training_loss_is_the_ce_of_the_outcome_reward_and_the_run_trains(tmp_path, digit_model):
+    """The objective's CE on a hand batch equals rewards.implicit_prm.ce_loss of r(y) = beta sum_t
+    (log pi - log pi_ref); a 2-step run from outcome labels trains the PRM, leaves the sampler alone,
+    and its checkpoint names the reference; the scorer's outcome score is sum of its step rewards."""
+    from safetensors.torch import load_file
+    from rlpost import checkpoint as ckpt
+    from rlpost.batch import head_outputs
+    from rlpost.config import load_config
+    from rlpost.metrics import read_metrics
+    from rlpost.objectives.implicit_prm import ImplicitPRM
+    from rlpost.trainer import train
+    from rollout.models import load_model
+    from rollout.types import FinishReason, Group, Sample
+    from conftest import REPO
+
+    cfg = load_config(None, ["algorithm=implicit_prm", "train.micro_batch_size=8"])
+    policy, reference = load_model(digit_model, torch.float64), load_model("tiny-random", torch.float64)
+    objective = ImplicitPRM(cfg, {"reference": reference}, pad_id=2)
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(torch.randint(3, 900, (4,), generator=g).tolist(), torch.randint(3, 900, (n,), generator=g).tolist(),
+                      [0.0] * n, FinishReason.STOP, correct=bool(i % 2)) for i, n in enumerate((3, 5, 2, 6))]
+    (mb,) = objective.micro_batches([Group(0, "", "", samples)], None, 0)
+    loss, _ = objective.loss(mb, head_outputs(policy, mb.packed, objective.head(mb)))
+    with torch.no_grad():
+        from rlpost.batch import token_logprobs
+        logp, logp_ref = token_logprobs(policy, mb.packed)[0], token_logprobs(reference, mb.packed)[0]
+        r = prm.token_rewards(logp, logp_ref, mb.packed.response_mask.double(), 0.05).sum(-1)
+    assert float(loss) == pytest.approx(float(prm.ce_loss(r, t([0, 1, 0, 1]))), rel=1e-10)
+
+    run = tmp_path / "prm"
+    train(load_config(REPO / "configs" / "prm_math.yaml", [
+        f"model.name={digit_model}", f"run.output_dir={run}", "data.arithmetic.word_problems=false",
+        "data.arithmetic.train_size=40", "data.arithmetic.test_size=8", "rollout.max_new_tokens=6",
+        "rollout.prompts_per_step=4", "train.max_steps=2", "train.lr=1e-3", "checkpoint.every=1",
+        "train.micro_batch_size=8", "eval.num_prompts=2"]), show_progress=False)
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert len(rows) == 2 and all("prm/accuracy" in r for r in rows) and rows[0]["grad_norm"] > 0
+    latest = ckpt.resolve_checkpoint(run / "checkpoints" / "latest")
+    assert ckpt.load_trainer_state(latest)["objective"] == {"reference": digit_model, "beta": 0.05}
+    trained = load_file(latest / "hf" / "model.safetensors")
+    base = load_model(digit_model).state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in trained)
+
+    scorer = prm.ImplicitPRMScorer(load_model(str(latest / "hf")), load_model(digit_model), beta=0.05, chunk_size=2)
+    p = mb.packed
+    scores = scorer.score(p.input_ids, p.attention_mask, p.position_ids, p.response_mask, p.prompt_width,
+                          step_ends=[[0, 2], [1, 4], [1], [2, 5]])
+    assert torch.allclose(scores["sum_step_reward"], scores["outcome"], atol=1e-12)
+    assert torch.allclose(scores["outcome"], scores["token_rewards"].sum(-1), atol=1e-12)

@@ -29,6 +29,7 @@ from rlpost.objectives.aligndistil import AlignDistil
 from rlpost.objectives.apo import APO
 from rlpost.objectives.dpo import DPO
 from rlpost.objectives.grpo import GRPO
+from rlpost.objectives.implicit_prm import ImplicitPRM
 from rollout.types import Group
 
 
@@ -59,6 +60,7 @@ OBJECTIVES: dict[str, type] = {
     "dpo": DPO,
     "apo": APO,
     "aligndistil": AlignDistil,
+    "implicit_prm": ImplicitPRM,
 }
 
 
