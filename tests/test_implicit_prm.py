@@ -124,3 +124,49 @@ def test_prm_training_loss_is_the_ce_of_the_outcome_reward_and_the_run_trains(tm
                           step_ends=[[0, 2], [1, 4], [1], [2, 5]])
     assert torch.allclose(scores["sum_step_reward"], scores["outcome"], atol=1e-12)
     assert torch.allclose(scores["outcome"], scores["token_rewards"].sum(-1), atol=1e-12)
+
+
+def _eval_script():
+    import importlib.util
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("eval_reward_model", REPO / "scripts" / "eval_reward_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_processbench_metrics_by_hand():
+    ev = _eval_script()
+    assert ev.first_below([0.1, -0.2, -0.5], 0.0) == 1 and ev.first_below([0.1, 0.2], 0.0) == -1
+    # labels: two erroneous items (first wrong step 1 and 0), two correct ones
+    m = ev.process_metrics([1, 0, -1, -1], [1, 2, -1, 0])
+    assert (m["acc_erroneous"], m["acc_correct"]) == (0.5, 0.5) and m["f1"] == pytest.approx(0.5)
+    assert ev.process_metrics([1, -1], [1, 0])["f1"] == 0.0  # harmonic mean: one side at 0 gives 0
+    # q at step ends: the wrong steps dip below 0, the right ones stay above
+    qs = [[0.2, -0.1, -0.3], [-0.2, -0.4], [0.1, 0.3], [0.05]]
+    threshold = ev.tune_threshold([1, 0, -1, -1], qs)
+    assert ev.process_metrics([1, 0, -1, -1], [ev.first_below(q, threshold) for q in qs])["f1"] == 1.0
+    assert ev.final_number("So 3 + 4 = 7 apples.") == "7" and ev.final_number("no idea") == "no idea"
+
+
+def test_the_evaluation_script_runs_on_a_trained_prm(tmp_path, digit_model):
+    import json
+    import subprocess
+    import sys
+    from conftest import REPO, subprocess_env
+    from rlpost.config import load_config
+    from rlpost.trainer import train
+    run = tmp_path / "prm"
+    train(load_config(REPO / "configs" / "prm_math.yaml", [
+        f"model.name={digit_model}", f"run.output_dir={run}", "data.arithmetic.word_problems=false",
+        "data.arithmetic.train_size=40", "data.arithmetic.test_size=8", "rollout.max_new_tokens=6",
+        "rollout.prompts_per_step=4", "train.max_steps=1", "train.micro_batch_size=8", "eval.num_prompts=2"]),
+        show_progress=False)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": f"What is {a} + 1?", "chosen": str(a + 1), "rejected": str(a + 2)})
+                               for a in range(6)))
+    proc = subprocess.run([sys.executable, "scripts/eval_reward_model.py", "--prm", str(run), "--pairwise", str(pairs),
+                           "--process-arithmetic", "20"], cwd=REPO, capture_output=True, text=True,
+                          env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pairwise: " in proc.stdout and "ties" in proc.stdout and "f1" in proc.stdout and "oracle" in proc.stdout
