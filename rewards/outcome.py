@@ -27,6 +27,11 @@ def overlong_penalty(length: torch.Tensor, max_len: int, cache_len: int) -> torc
 
 
 class OutcomeReward:
+    learners: dict = {}  # no trainable model of its own (PRIME's rewards step has one)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
     def __init__(self, verifier: MathReward, *, max_new_tokens: int, overlong_penalty: bool = False,
                  overlong_cache: int = 16):
         self.verifier = verifier

@@ -114,6 +114,23 @@ def make_objective(cfg: Config, device: torch.device, pad_id: int, policy_weight
     return cls(cfg, frozen, pad_id, policy_weights)
 
 
+def make_rewards(cfg: Config, verifier, device: torch.device, pad_id: int):
+    """The rewards step: the verifier's outcome reward, plus, with prime.coef > 0, PRIME's dense token
+    rewards from an implicit PRM trained online (a second Learner)."""
+    from rewards.outcome import OutcomeReward
+    outcome = OutcomeReward(verifier, max_new_tokens=cfg.rollout.max_new_tokens,
+                            overlong_penalty=cfg.reward.overlong_penalty, overlong_cache=cfg.reward.overlong_cache)
+    if cfg.prime.coef == 0:
+        return outcome
+    from rlpost.learner import Learner
+    from rlpost.objectives.implicit_prm import ImplicitPRM
+    from rlpost.prime import PrimeReward
+    prm_train = cfg.prime.train or cfg.train.model_copy(update={"lr": 1e-6})
+    learner = Learner(cfg.prime.model or cfg.model.name, prm_train)
+    frozen = {name: load_model(spec).to(device).eval() for name, spec in ImplicitPRM.frozen_models(cfg).items()}
+    return PrimeReward(outcome, learner, ImplicitPRM(cfg, frozen, pad_id), cfg.prime.update, prm_train.micro_batch_size)
+
+
 def make_evaluator(cfg: Config, engine, data: RunData, verifier, policy: torch.nn.Module | None, device,
                    pad_id: int) -> Callable[[], dict]:
     """eval.kind: accuracy (`engine` generates on held-out prompts, `verifier` scores) | pairwise

@@ -70,7 +70,9 @@ def _point_latest(root: Path, name: str) -> None:
     os.replace(link, root / "latest")
 
 
-def save_checkpoint(run_dir: Path, step: int, learner, tokenizer, trainer_state: dict, keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, learner, tokenizer, trainer_state: dict, keep_last: int,
+                    extra_learners: dict | None = None) -> Path:
+    """`learner` under hf/ and deepspeed/; each of `extra_learners` (PRIME's PRM) the same under its name."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step_{step}", root / f".step_{step}.tmp"
     is_main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
@@ -83,6 +85,9 @@ def save_checkpoint(run_dir: Path, step: int, learner, tokenizer, trainer_state:
     _barrier()
     try:
         learner.save(tmp, tokenizer)  # collective under ZeRO: every rank takes part
+        for name, other in (extra_learners or {}).items():
+            (tmp / name).mkdir(exist_ok=True)
+            other.save(tmp / name, tokenizer)
         _barrier()
         if is_main:
             torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)

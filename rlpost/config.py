@@ -113,6 +113,8 @@ class GRPOConfig(Section):
     # the policy-gradient term by the truncated importance weight min(pi / pi_behaviour, tis_cap).
     off_policy: Literal["ignore", "mask_stale", "tis"] = "ignore"
     tis_cap: float = Field(2.0, gt=0)
+    # keep only groups whose share of correct answers lies in [low, high] (PRIME's [0.2, 0.8]); null: all
+    accuracy_range: tuple[float, float] | None = None
 
 
 class DPOConfig(Section):
@@ -135,6 +137,15 @@ class PRMConfig(Section):
     loss: Literal["ce", "dpo"] = "ce"        # ce: every labelled response; dpo: correct over incorrect pairs
     pairs_per_group: int = Field(1, ge=1)    # dpo only
     reference: str | None = None             # the frozen reference; default model.name
+
+
+class PrimeConfig(Section):
+    """PRIME (ALGORITHMS.md §6.3): GRPO whose advantages add dense implicit-PRM token rewards. The PRM
+    (a second Learner, `prm:` for its loss) is trained online every step with CE on the rollouts."""
+    coef: float = Field(0.0, ge=0)           # weight of the dense rewards; 0 is plain GRPO (no PRM at all)
+    update: Literal["after", "before"] = "after"  # score with the PRM before its update on these rollouts, or after
+    model: str | None = None                 # the PRM's initial weights; default model.name
+    train: "TrainConfig | None" = None       # the PRM's optimisation; default: the train: section with lr 1e-6
 
 
 class AlignDistilConfig(Section):
@@ -202,6 +213,7 @@ class Config(Section):
     dpo: DPOConfig = DPOConfig()
     apo: APOConfig = APOConfig()
     aligndistil: AlignDistilConfig = AlignDistilConfig()
+    prime: PrimeConfig = PrimeConfig()
     prm: PRMConfig = PRMConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -290,3 +302,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def dump_config(config: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+
+
+PrimeConfig.model_rebuild()

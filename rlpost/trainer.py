@@ -24,13 +24,12 @@ import torch
 
 from rlpost import checkpoint as ckpt
 from rlpost.batch import pack
-from rlpost.build import load_data, make_evaluator, make_objective, make_rollout_engine, make_source
+from rlpost.build import load_data, make_evaluator, make_objective, make_rewards, make_rollout_engine, make_source
 from rlpost.config import Config, dump_config
 from rlpost.learner import Learner
 from rlpost.metrics import MetricsLogger, Stats, progress_bar, resolve
 from rlpost.rundir import RunError, run_lock
 from rewards.math import MathReward
-from rewards.outcome import OutcomeReward
 from rollout.models import load_tokenizer
 from rollout.types import Group, UserError, tail_wait_s, world
 
@@ -95,8 +94,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
     engine = make_rollout_engine(cfg, tokenizer, learner.engine.device)
     objective = make_objective(cfg, learner.engine.device, tokenizer.pad_token_id, learner.named_weights)
     verifier = MathReward(timeout_s=cfg.reward.timeout_s, format_weight=cfg.reward.format_weight)
-    rewards = OutcomeReward(verifier, max_new_tokens=cfg.rollout.max_new_tokens,
-                            overlong_penalty=cfg.reward.overlong_penalty, overlong_cache=cfg.reward.overlong_cache)
+    rewards = make_rewards(cfg, verifier, learner.engine.device, tokenizer.pad_token_id)
 
     def grad_norms(samples):  # CurES's grad_norm allocation asks for them: an extra forward
         return learner.head_gradient_norms(pack(samples, tokenizer.pad_token_id), cfg.rollout.temperature)
@@ -114,6 +112,8 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
             raise ckpt.CheckpointError(f"{resume_dir}: its rollout-source state does not fit this config ({e})") from None
         objective.load_state_dict(state["objective"])
         learner.load(resume_dir)
+        for name, other in rewards.learners.items():  # PRIME's PRM
+            other.load(resume_dir / name)
         learner.version = start_step = state["step"]
         summary = state["summary"]
         ckpt.set_rng_state(state["rng"])
@@ -160,6 +160,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
         metrics = step_metrics(groups, train_stats, t0, rollout_s, time.time() - t0)
         metrics.update(sampler_stats)
         metrics.update(objective.metrics())
+        metrics.update(rewards.metrics())
         metrics.update(rollout_stats)
         metrics.update({f"reward/{k}": float(v) for k, v in verifier.pop_counters().items()})
         logger.log(step, metrics)
@@ -172,7 +173,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
             trainer_state = {"source": source.state_dict(), "objective": objective.state_dict(),
                              "summary": summary, "config": cfg.model_dump()}
             last_checkpoint = ckpt.save_checkpoint(run_dir, step, learner, tokenizer, trainer_state,
-                                                   cfg.checkpoint.keep_last)
+                                                   cfg.checkpoint.keep_last, extra_learners=rewards.learners)
     bar.close()
 
     summary["eval_after"] = evaluate(cfg.train.max_steps)

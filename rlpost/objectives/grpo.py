@@ -19,6 +19,7 @@ from rlpost.algorithms import grpo
 from rlpost.batch import HeadFn, Packed, logprob_head, pack, padded, token_logprobs
 from rlpost.config import Config
 from rlpost.metrics import Mean, Stats
+from rewards import implicit_prm
 from rollout.types import FinishReason, Group, Sample, world
 
 
@@ -40,6 +41,7 @@ class GRPO:
         self.temperature, self.max_new_tokens = cfg.rollout.temperature, cfg.rollout.max_new_tokens
         self.micro_batch_size, self.pad_id = cfg.train.micro_batch_size, pad_id
         self.reference = frozen.get("reference")
+        self.prime_coef = cfg.prime.coef
         self._head = logprob_head(self.temperature)
 
     @classmethod
@@ -48,16 +50,31 @@ class GRPO:
         return {"reference": cfg.grpo.reference or cfg.model.name} if cfg.grpo.beta > 0 else {}
 
     def keep(self, group: Group) -> bool:
-        """Dynamic sampling: a group whose rewards are all equal has zero advantage everywhere."""
+        """Dynamic sampling: a group whose rewards are all equal has zero advantage everywhere; with
+        accuracy_range, only groups whose share of correct answers lies in it (PRIME's filter)."""
+        if self.cfg.accuracy_range is not None:
+            low, high = self.cfg.accuracy_range
+            if not low <= sum(bool(s.correct) for s in group.samples) / len(group.samples) <= high:
+                return False
         if not self.cfg.dynamic_sampling:
             return True
         return grpo.informative_groups(torch.tensor([s.reward for s in group.samples]), [len(group.samples)])[0]
 
     def advantages(self, groups: list[Group]) -> torch.Tensor:
-        rewards = torch.tensor([s.reward for g in groups for s in g.samples])
+        """[N]: group-normalised rewards. [N, T] when the samples carry token rewards (PRIME): the
+        leave-one-out returns of prime.coef x token rewards plus the outcome, whitened over the batch."""
+        samples = [s for g in groups for s in g.samples]
+        rewards = torch.tensor([s.reward for s in samples])
         if not len(rewards):
             return torch.zeros(0)
-        return grpo.group_advantages(rewards, [len(g.samples) for g in groups], self.cfg.scale_rewards)
+        sizes = [len(g.samples) for g in groups]
+        if all(s.token_rewards is not None for s in samples):
+            width = max(len(s.response_ids) for s in samples)
+            rho = padded([s.token_rewards for s in samples], width).double()
+            mask = padded([[1.0] * len(s.response_ids) for s in samples], width).double()
+            dense, outcome = implicit_prm.rloo_returns(self.prime_coef * rho, mask, rewards.double(), sizes)
+            return implicit_prm.whiten(dense + outcome, mask).float()
+        return grpo.group_advantages(rewards, sizes, self.cfg.scale_rewards)
 
     def micro_batches(self, groups: list[Group], advantages: torch.Tensor, version: int) -> list[GRPOMicroBatch]:
         """Fixed-size micro-batches, and the loss-token total of the whole step (dapo needs it before
