@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rollout.types import Sample
+from rollout.types import FinishReason, Sample, world
 
 
 @dataclass
@@ -150,3 +150,22 @@ def head_gradient_norms(model: torch.nn.Module, batch: Packed, temperature: floa
         squared = ((residual @ residual.T) * (h @ h.T)).sum() / temperature ** 2
         norms.append(float(squared.clamp(min=0).sqrt()))
     return norms
+
+
+def pad_across_ranks(parts: list, local_total: float, empty: Callable[[], object]) -> tuple[list, float]:
+    """The step's `local_total` summed over ranks (a loss normaliser that must be known before any
+    backward), and `parts` padded with `empty()` micro-batches to the busiest rank's count: every rank
+    must run as many backward passes, each is a collective under ZeRO."""
+    if world()[1] == 1:
+        return parts, local_total
+    total, most = torch.tensor([local_total], dtype=torch.float64), torch.tensor([len(parts)])
+    torch.distributed.all_reduce(total)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return parts + [empty() for _ in range(int(most) - len(parts))], float(total)
+
+
+def empty_pack(pad_id: int, rows: int = 1) -> Packed:
+    """A micro-batch of one-token rows with an all-zero response mask: it contributes nothing."""
+    packed = pack([Sample([pad_id], [pad_id], [0.0], FinishReason.STOP)] * rows, pad_id)
+    packed.response_mask.zero_()
+    return packed

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from rlpost.algorithms import aligndistil as ad
-from rlpost.batch import HeadFn, Packed, response_hidden, pack
+from rlpost.batch import HeadFn, Packed, empty_pack, pack, pad_across_ranks, response_hidden
 from rlpost.config import Config, ConfigError
 from rlpost.metrics import Mean, Stats
-from rollout.types import FinishReason, Group, Sample, world
+from rollout.types import Group, world
 
 
 @dataclass
@@ -77,16 +77,9 @@ class AlignDistil:
                 hidden = {name: response_hidden(model, packed.to(_device(model))).detach()
                           for name, model in self.teachers.items()}
             parts.append((packed, hidden))
-        total, count = float(len(samples)), len(parts)
-        if world()[1] > 1:
-            sums, most = torch.tensor([total], dtype=torch.float64), torch.tensor([count])
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-            total = float(sums[0])
-            if count < int(most):
-                empty = packed_empty(self.pad_id)
-                hidden = {n: torch.zeros(1, 1, m.config.hidden_size, device=_device(m)) for n, m in self.teachers.items()}
-                parts += [(empty, hidden)] * (int(most) - count)
+        empty = (lambda: (empty_pack(self.pad_id), {n: torch.zeros(1, 1, m.config.hidden_size, device=_device(m))
+                                                    for n, m in self.teachers.items()}))
+        parts, total = pad_across_ranks(parts, float(len(samples)), empty)
         per_rank = max(total / world()[1], 1e-12)
         return [DistilBatch(packed, hidden, per_rank) for packed, hidden in parts]
 
@@ -136,12 +129,6 @@ class AlignDistil:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-def packed_empty(pad_id: int) -> Packed:
-    packed = pack([Sample([pad_id], [pad_id], [0.0], FinishReason.STOP)], pad_id)
-    packed.response_mask.zero_()
-    return packed
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.algorithms import dpo
-from rlpost.batch import HeadFn, Packed, logprob_head, pack, token_logprobs
+from rlpost.batch import HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, token_logprobs
 from rlpost.config import Config
 from rlpost.metrics import Mean, Stats
-from rollout.types import FinishReason, Group, Sample, world
+from rollout.types import Group, Sample, world
 
 
 def build_pairs(correct: list[bool], pairs_per_group: int) -> list[tuple[int, int]]:
@@ -110,16 +110,8 @@ class DPO:
 
     def finish(self, parts: list, num_pairs: int) -> list[PairBatch]:
         """Normalise by the step's pairs on all ranks; ranks with fewer micro-batches get empty ones."""
-        total, count = float(num_pairs), len(parts)
-        if world()[1] > 1:
-            sums = torch.tensor([total, float(count)], dtype=torch.float64)
-            most = torch.tensor([count])
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-            total = float(sums[0])
-            empty = pack([Sample([self.pad_id], [self.pad_id], [0.0], FinishReason.STOP)] * 2, self.pad_id)
-            empty.response_mask.zero_()
-            parts += [(empty, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))] * (int(most) - count)
+        empty = (lambda: (empty_pack(self.pad_id, 2), torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)))
+        parts, total = pad_across_ranks(parts, float(num_pairs), empty)
         per_rank = max(total / world()[1], 1e-12)
         return [PairBatch(packed, ref_c, ref_r, per_rank) for packed, ref_c, ref_r in parts]
 

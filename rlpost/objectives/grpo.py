@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from rlpost.algorithms import grpo
-from rlpost.batch import HeadFn, Packed, logprob_head, pack, padded, token_logprobs
+from rlpost.batch import HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, padded, token_logprobs
 from rlpost.config import Config
 from rlpost.metrics import Mean, Stats
 from rewards import implicit_prm
-from rollout.types import FinishReason, Group, Sample, world
+from rollout.types import Group, world
 
 
 @dataclass
@@ -102,21 +102,14 @@ class GRPO:
                     ref_device = next(self.reference.parameters()).device
                     ref_logp = token_logprobs(self.reference, packed.to(ref_device), self.temperature)[0].float().cpu()
             parts.append((packed, adv, loss_mask, padded([s.logprobs for s in chunk], width), ref_logp))
-        count, global_tokens = len(parts), sum(float(p[2].sum()) for p in parts)
-        if world()[1] > 1:
-            tokens, most = torch.tensor([global_tokens], dtype=torch.float64), torch.tensor([count])
-            torch.distributed.all_reduce(tokens)
-            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-            global_tokens = float(tokens)
-            parts += [self._empty_part()] * (int(most) - count)
+        parts, global_tokens = pad_across_ranks(parts, sum(float(p[2].sum()) for p in parts), self._empty_part)
         return [GRPOMicroBatch(packed, adv, mask, behaviour, ref, self.temperature, len(parts), global_tokens)
                 for packed, adv, mask, behaviour, ref in parts]
 
     def _empty_part(self):
         """A one-token micro-batch that contributes nothing: it only keeps the ranks' collectives in step."""
-        packed = pack([Sample([self.pad_id], [self.pad_id], [0.0], FinishReason.STOP)], self.pad_id)
         ref = torch.zeros(1, 1) if self.reference is not None else None
-        return packed, torch.zeros(1), torch.zeros(1, 1), torch.zeros(1, 1), ref
+        return empty_pack(self.pad_id), torch.zeros(1), torch.zeros(1, 1), torch.zeros(1, 1), ref
 
     def head(self, mb: GRPOMicroBatch) -> HeadFn:
         return self._head

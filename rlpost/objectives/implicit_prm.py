@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rlpost.batch import HeadFn, Packed, logprob_head, pack, token_logprobs
+from rlpost.batch import HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, token_logprobs
 from rlpost.config import Config
 from rlpost.metrics import Mean, Stats
 from rlpost.objectives.dpo import build_pairs
 from rewards import implicit_prm as prm
-from rollout.types import FinishReason, Group, Sample, world
+from rollout.types import Group, world
 
 
 @dataclass
@@ -70,15 +70,8 @@ class ImplicitPRM:
             with torch.no_grad():
                 ref = token_logprobs(self.reference, packed.to(device), 1.0)[0].double().cpu()
             parts.append((packed, ref, torch.tensor([float(bool(s.correct)) for s in chunk], dtype=torch.float64)))
-        total, count = float(units), len(parts)
-        if world()[1] > 1:
-            sums, most = torch.tensor([total], dtype=torch.float64), torch.tensor([count])
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-            total = float(sums[0])
-            empty = pack([Sample([self.pad_id], [self.pad_id], [0.0], FinishReason.STOP)] * 2, self.pad_id)
-            empty.response_mask.zero_()
-            parts += [(empty, torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))] * (int(most) - count)
+        empty = (lambda: (empty_pack(self.pad_id, 2), torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)))
+        parts, total = pad_across_ranks(parts, float(units), empty)
         per_rank = max(total / world()[1], 1e-12)
         return [PRMBatch(p, ref, labels, per_rank) for p, ref, labels in parts]
 
