@@ -170,3 +170,28 @@ def test_the_evaluation_script_runs_on_a_trained_prm(tmp_path, digit_model):
                           env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pairwise: " in proc.stdout and "ties" in proc.stdout and "f1" in proc.stdout and "oracle" in proc.stdout
+
+
+def test_a_prm_equal_to_its_reference_scores_everything_zero():
+    from rlpost.batch import pack
+    from rollout.models import load_model
+    from rollout.types import FinishReason, Sample
+    model = load_model("tiny-random")
+    scorer = prm.ImplicitPRMScorer(model, model, beta=0.05, chunk_size=3)
+    p = pack([Sample([5, 6, 7], [8, 9, 10, 11], [0.0] * 4, FinishReason.STOP),
+              Sample([5], [12, 13], [0.0] * 2, FinishReason.STOP)], pad_id=2)
+    scores = scorer.score(p.input_ids, p.attention_mask, p.position_ids, p.response_mask, p.prompt_width)
+    assert scores["token_rewards"].abs().max() == 0 and scores["q"].abs().max() == 0
+    assert scores["outcome"].tolist() == [0.0, 0.0] and scores["min_step_reward"].tolist() == [0.0, 0.0]
+
+
+def test_pairwise_accuracy_counts_a_tie_as_wrong():
+    """An untrained policy (= its reference) ties every pair: accuracy 0, ties 1."""
+    from rlpost.evaluate import PairwiseEval
+    from rollout.models import load_model
+    from rollout.types import FinishReason, Group, Sample
+    groups = [Group(i, "", "", [Sample([5, 6], [7 + i, 8], [0.0] * 2, FinishReason.STOP, correct=True),
+                                Sample([5, 6], [9, 10 + i, 11], [0.0] * 3, FinishReason.STOP, correct=False)])
+              for i in range(3)]
+    result = PairwiseEval(load_model("tiny-random"), "tiny-random", groups, pad_id=2, micro_batch_size=4, device="cpu")()
+    assert result["accuracy"] == 0.0 and result["ties"] == 1.0 and result["shorter_wins"] == 1.0
