@@ -43,6 +43,13 @@ def pack(samples: list[Sample], pad_id: int) -> Packed:
     return Packed(input_ids, attention_mask, position_ids, response_mask, P)
 
 
+def pair_rows(pairs: list[tuple[Sample, Sample]], per_batch: int) -> list[list[Sample]]:
+    """Preference pairs in micro-batches of `per_batch` pairs, each laid out as its chosen members
+    then their rejected ones (row i and row k + i are one pair)."""
+    return [[c for c, _ in pairs[i:i + per_batch]] + [r for _, r in pairs[i:i + per_batch]]
+            for i in range(0, len(pairs), per_batch)]
+
+
 def padded(rows: list[list[float]], width: int) -> torch.Tensor:
     """Right-pad ragged per-token lists (e.g. behaviour log-probs) to [N, width] with zeros."""
     out = torch.zeros(len(rows), width)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rlpost.batch import Packed, pack, token_logprobs
+from rlpost.batch import Packed, pack, pair_rows, token_logprobs
 from rlpost.config import Config
 from rlpost.data import PromptSet
 from rollout.types import Group, SamplingParams
@@ -60,8 +60,7 @@ class PairwiseEval:
         self.policy, self.device = policy, device
         k = max(micro_batch_size // 2, 1)
         pairs = [(next(s for s in g.samples if s.correct), next(s for s in g.samples if not s.correct)) for g in groups]
-        self.batches = [pack([c for c, _ in pairs[i:i + k]] + [r for _, r in pairs[i:i + k]], pad_id)
-                        for i in range(0, len(pairs), k)]
+        self.batches = [pack(rows, pad_id) for rows in pair_rows(pairs, k)]
         self.shorter_wins = sum(len(c.response_ids) < len(r.response_ids) for c, r in pairs) / max(len(pairs), 1)
         reference = load_model(reference_spec).to(device).eval()
         self.reference_margins = [self._margins(reference, b) for b in self.batches]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from rlpost.algorithms import dpo
-from rlpost.batch import Packed, pack
+from rlpost.batch import Packed, pack, pair_rows
 from rlpost.config import Config
 from rlpost.objectives.dpo import DPO, PairBatch, sequence_logps
 from rollout.types import Group
@@ -64,14 +64,11 @@ class APO(DPO):
             pairs = self.pairs(groups)
             self._num_pairs, self._parts = len(pairs), []
             margins = []
-            k = self.pairs_per_micro_batch
-            for start in range(0, len(pairs), k):
-                chunk = pairs[start:start + k]
-                packed = pack([c for c, _ in chunk] + [r for _, r in chunk], self.pad_id)
+            for rows in pair_rows(pairs, self.pairs_per_micro_batch):
+                packed, n = pack(rows, self.pad_id), len(rows) // 2
                 latest = sequence_logps(self.latest, packed)
                 previous = sequence_logps(self.previous, packed) if self.round > 1 else None
                 ref = dpo.extrapolated_reference(latest, previous, self.alpha)
-                n = len(chunk)
                 self._parts.append((packed, ref[:n], ref[n:]))
                 # the policy starts the round at pi_t: its DPO margin against the extrapolated reference
                 margins.append(self.beta * dpo.preference_margin(latest[:n], latest[n:], ref[:n], ref[n:]))

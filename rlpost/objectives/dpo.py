@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.algorithms import dpo
-from rlpost.batch import HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, token_logprobs
+from rlpost.batch import HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, pair_rows, token_logprobs
 from rlpost.config import Config
 from rlpost.metrics import Mean, Stats
 from rollout.types import Group, Sample, world
@@ -99,13 +99,11 @@ class DPO:
         return self.pack_pairs(pairs)
 
     def pack_pairs(self, pairs: list[tuple[Sample, Sample]]) -> list[PairBatch]:
-        k = self.pairs_per_micro_batch
         parts = []
-        for start in range(0, len(pairs), k):
-            chunk = pairs[start:start + k]
-            packed = pack([c for c, _ in chunk] + [r for _, r in chunk], self.pad_id)
+        for rows in pair_rows(pairs, self.pairs_per_micro_batch):
+            packed, n = pack(rows, self.pad_id), len(rows) // 2
             ref = self.reference_logps(packed)
-            parts.append((packed, ref[:len(chunk)], ref[len(chunk):]))
+            parts.append((packed, ref[:n], ref[n:]))
         return self.finish(parts, len(pairs))
 
     def finish(self, parts: list, num_pairs: int) -> list[PairBatch]:

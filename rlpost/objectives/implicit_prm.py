@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rlpost.batch import HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, token_logprobs
+from rlpost.batch import HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, pair_rows, token_logprobs
 from rlpost.config import Config
 from rlpost.metrics import Mean, Stats
 from rlpost.objectives.dpo import build_pairs
@@ -56,17 +56,15 @@ class ImplicitPRM:
         if self.cfg.loss == "dpo":
             pairs = [(g.samples[c], g.samples[r]) for g in groups
                      for c, r in build_pairs([bool(s.correct) for s in g.samples], self.cfg.pairs_per_group)]
-            k = max(self.micro_batch_size // 2, 1)
-            chunks = [[c for c, _ in pairs[i:i + k]] + [r for _, r in pairs[i:i + k]] for i in range(0, len(pairs), k)]
+            chunks = pair_rows(pairs, max(self.micro_batch_size // 2, 1))
             units = len(pairs)
         else:
             samples = [s for g in groups for s in g.samples if s.correct is not None]
             chunks = [samples[i:i + self.micro_batch_size] for i in range(0, len(samples), self.micro_batch_size)]
             units = len(samples)
-        parts = []
+        parts, device = [], next(self.reference.parameters()).device
         for chunk in chunks:
             packed = pack(chunk, self.pad_id)
-            device = next(self.reference.parameters()).device
             with torch.no_grad():
                 ref = token_logprobs(self.reference, packed.to(device), 1.0)[0].double().cpu()
             parts.append((packed, ref, torch.tensor([float(bool(s.correct)) for s in chunk], dtype=torch.float64)))
