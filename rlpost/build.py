@@ -134,8 +134,10 @@ def make_rewards(cfg: Config, verifier, device: torch.device, pad_id: int):
 def make_evaluator(cfg: Config, engine, data: RunData, verifier, policy: torch.nn.Module | None, device,
                    pad_id: int) -> Callable[[], dict]:
     """eval.kind: accuracy (`engine` generates on held-out prompts, `verifier` scores) | pairwise
-    (`policy`'s implicit-reward ranking of held-out preference pairs). The trainer and `rlpost eval`
-    both evaluate through here."""
+    (`policy`'s implicit-reward ranking of held-out preference pairs) | none (an empty result). The
+    trainer and `rlpost eval` both evaluate through here."""
+    if cfg.eval.kind == "none":
+        return lambda: {}
     if cfg.eval.kind == "pairwise":
         if not data.responses.held_out:
             raise ConfigError("eval.kind=pairwise needs held-out pairs: set data.held_out or data.test_source")

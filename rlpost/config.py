@@ -190,7 +190,8 @@ class EvalConfig(Section):
     # accuracy: greedy (and pass@k) accuracy on held-out prompts, scored by the verifier.
     # pairwise: share of held-out preference pairs whose implicit reward beta (log pi - log pi_ref)
     # ranks chosen strictly above rejected (needs rollout.scheduler=dataset and held-out pairs).
-    kind: Literal["accuracy", "pairwise"] = "accuracy"
+    # none: no eval (a PRM trained on labelled completions: scripts/eval_reward_model.py evaluates it).
+    kind: Literal["accuracy", "pairwise", "none"] = "accuracy"
 
 
 class CheckpointConfig(Section):
@@ -223,7 +224,7 @@ class Config(Section):
     def _consistent(self) -> "Config":
         if self.grpo.eps_low >= 1:
             raise ValueError("grpo.eps_low must be < 1 (the ratio is clipped at 1 - eps_low)")
-        if (self.rollout.scheduler == "dataset") != (self.eval.kind == "pairwise"):
+        if self.eval.kind != "none" and (self.rollout.scheduler == "dataset") != (self.eval.kind == "pairwise"):
             raise ValueError("eval.kind=pairwise goes with rollout.scheduler=dataset (held-out pairs) and "
                              "eval.kind=accuracy with generated rollouts (held-out prompts)")
         if self.curriculum.sampler == "cures" and self.rollout.group_size < self.curriculum.k_min:

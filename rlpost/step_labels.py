@@ -24,7 +24,8 @@ class StepSolution:
     problem: str
     steps: list[str]
     label: int  # index of the first wrong step, -1 if none
-    answer: str
+    answer: str          # the final value the steps reach (wrong when an error propagated to it)
+    correct_answer: str  # the problem's true answer: what an outcome verifier checks against
 
 
 def arithmetic_chains(n: int, seed: int, *, num_steps: int = 4, error_rate: float = 0.5) -> list[StepSolution]:
@@ -33,7 +34,7 @@ def arithmetic_chains(n: int, seed: int, *, num_steps: int = 4, error_rate: floa
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        value = rng.randint(1, 9)
+        value = true = rng.randint(1, 9)
         ops = [(rng.choice("+-*"), rng.randint(1, 9)) for _ in range(num_steps)]
         problem = f"Start with {value}. " + " ".join(_WORDS[op].format(b=b) for op, b in ops) + " What is the result?"
         wrong_at = rng.randrange(num_steps) if rng.random() < error_rate else -1
@@ -43,8 +44,8 @@ def arithmetic_chains(n: int, seed: int, *, num_steps: int = 4, error_rate: floa
             if k == wrong_at:
                 result += rng.choice([-3, -2, -1, 1, 2, 3])
             steps.append(f"{value} {op} {b} = {result}")
-            value = result
-        out.append(StepSolution(problem, steps, wrong_at, str(value)))
+            value, true = result, _OPS[op](true, b)
+        out.append(StepSolution(problem, steps, wrong_at, str(value), str(true)))
     return out
 
 
@@ -59,6 +60,10 @@ def _evaluate(expr: str) -> float | None:
         return float(eval(expr, {"__builtins__": {}}, {}))  # noqa: S307 - digits and + - * / ( ) only
     except (SyntaxError, ZeroDivisionError):
         return None
+
+
+class _Unusable(Exception):
+    pass
 
 
 def _fmt(x: float) -> str:
@@ -83,7 +88,7 @@ def corrupt_gsm8k(question: str, solution: str, seed: int) -> StepSolution | Non
         return None
     answer = final.strip().replace(",", "")
     if rng.random() < 0.5:
-        return StepSolution(question, steps, -1, answer)
+        return StepSolution(question, steps, -1, answer, answer)
     wrong_at = rng.choice(annotated)
     changed: dict[str, str] = {}  # old number -> new number, as written
 
@@ -94,6 +99,8 @@ def corrupt_gsm8k(question: str, solution: str, seed: int) -> StepSolution | Non
             expr, stated = match.group(1), match.group(2)
             new_expr = _NUMBER.sub(lambda m: changed.get(m.group(0), m.group(0)), expr)
             value = _evaluate(new_expr)
+            if value is None:  # the propagated values make it uncomputable (a division by zero, ...)
+                raise _Unusable
             if corrupt:
                 value = value * 2 if rng.random() < 0.25 and value else value + rng.choice([-3, -2, -1, 1, 2, 3])
                 corrupt = False
@@ -111,8 +118,8 @@ def corrupt_gsm8k(question: str, solution: str, seed: int) -> StepSolution | Non
             position = len(before) + len(new_text)
         return new_step
 
-    out = []
-    for k, step in enumerate(steps):
-        out.append(step if k < wrong_at else rewrite(step, corrupt=k == wrong_at))
-    answer = changed.get(answer, answer)
-    return StepSolution(question, out, wrong_at, answer)
+    try:
+        out = [step if k < wrong_at else rewrite(step, corrupt=k == wrong_at) for k, step in enumerate(steps)]
+    except _Unusable:
+        return None
+    return StepSolution(question, out, wrong_at, changed.get(answer, answer), answer)
