@@ -1,4 +1,4 @@
-"""`rlpost train | eval | plot`. Argument parsing and error reporting only; the work is elsewhere.
+"""`rlpost train | eval | eval-rm | plot`. Argument parsing and error reporting only; the work is elsewhere.
 
 User errors (bad config, missing file, not a checkpoint) print one line and exit with code 2.
 """
@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, metavar="PATH",
                     help="rlpost checkpoint (step dir, `latest`, run dir) or a model spec")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    rm = sub.add_parser("eval-rm", help="evaluate a reward model (rlpost eval-rm --help)", add_help=False)
+    rm.add_argument("args", nargs=argparse.REMAINDER)
     plot = sub.add_parser("plot", help="PNG curves of a run's metrics")
     plot.add_argument("run_dir")
     return parser
@@ -119,6 +121,11 @@ def _cmd_plot(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval-rm"]:  # its own parser and error lines (rlpost/eval_rm.py)
+        _quiet()
+        from rlpost.eval_rm import main as eval_rm
+        return eval_rm(argv[1:])
     args = _parser().parse_args(argv)  # argparse itself exits 2 on misuse
     _quiet()
     commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot}

@@ -27,6 +27,15 @@ class StepSolution:
     answer: str          # the final value the steps reach (wrong when an error propagated to it)
     correct_answer: str  # the problem's true answer: what an outcome verifier checks against
 
+    def as_row(self) -> dict:
+        """One jsonl row for two uses: a conversational `prompt / completion` with the true `answer`
+        (the dataset source trains a PRM on it; the verifier labels the outcome, the step label is never
+        read), and the ProcessBench fields `problem / steps / label` (the process evaluation). The
+        completion is the steps joined by "\\n\\n", the delimiter the evaluation splits steps on."""
+        return {"prompt": [{"role": "user", "content": self.problem}],
+                "completion": [{"role": "assistant", "content": "\n\n".join(self.steps)}],
+                "answer": self.correct_answer, "problem": self.problem, "steps": self.steps, "label": self.label}
+
 
 def arithmetic_chains(n: int, seed: int, *, num_steps: int = 4, error_rate: float = 0.5) -> list[StepSolution]:
     """`n` chains of `num_steps` one-digit operations; with probability `error_rate` one step (chosen

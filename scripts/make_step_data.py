@@ -4,13 +4,11 @@
   completion` with the problem's true `answer`, so the dataset source loads it and the verifier
   decides whether the final answer is right (the step labels are never read in training);
 - evaluating it: the same row carries the ProcessBench fields `problem`, `steps`, `label`, which
-  `scripts/eval_reward_model.py --process FILE` reads.
+  `rlpost eval-rm --process FILE` reads (StepSolution.as_row).
 
-    .venv/bin/python scripts/make_step_data.py arithmetic --n 3000 --seed 1 --out data/steps_train.jsonl
+    .venv/bin/python scripts/make_step_data.py arithmetic --n 3000 --seed 1 --out runs/data/arith_steps_train.jsonl
     .venv/bin/python scripts/make_step_data.py gsm8k --source ../shared/data/gsm8k/test.jsonl \
-        --n 400 --seed 2 --out data/gsm8k_steps_test.jsonl
-
-The completion is the steps joined by "\\n\\n", the delimiter the evaluation splits steps on.
+        --n 400 --seed 2 --out runs/data/gsm8k_steps_test.jsonl
 """
 from __future__ import annotations
 
@@ -21,13 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlpost.step_labels import StepSolution, arithmetic_chains, corrupt_gsm8k  # noqa: E402
-
-
-def row(s: StepSolution) -> dict:
-    return {"prompt": [{"role": "user", "content": s.problem}],
-            "completion": [{"role": "assistant", "content": "\n\n".join(s.steps)}],
-            "answer": s.correct_answer, "problem": s.problem, "steps": s.steps, "label": s.label}
+from rlpost.step_labels import arithmetic_chains, corrupt_gsm8k  # noqa: E402
 
 
 def main() -> int:
@@ -55,7 +47,7 @@ def main() -> int:
                 solutions.append(s)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(row(s)) + "\n" for s in solutions))
+    out.write_text("".join(json.dumps(s.as_row()) + "\n" for s in solutions))
     wrong = sum(s.label >= 0 for s in solutions)
     print(f"wrote {len(solutions)} solutions ({wrong} with an error) to {out}")
     return 0

@@ -127,12 +127,8 @@ def test_prm_training_loss_is_the_ce_of_the_outcome_reward_and_the_run_trains(tm
 
 
 def _eval_script():
-    import importlib.util
-    from conftest import REPO
-    spec = importlib.util.spec_from_file_location("eval_reward_model", REPO / "scripts" / "eval_reward_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from rlpost import eval_rm
+    return eval_rm
 
 
 def test_processbench_metrics_by_hand():
@@ -165,11 +161,57 @@ def test_the_evaluation_script_runs_on_a_trained_prm(tmp_path, digit_model):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps({"prompt": f"What is {a} + 1?", "chosen": str(a + 1), "rejected": str(a + 2)})
                                for a in range(6)))
-    proc = subprocess.run([sys.executable, "scripts/eval_reward_model.py", "--prm", str(run), "--pairwise", str(pairs),
-                           "--process-arithmetic", "20"], cwd=REPO, capture_output=True, text=True,
-                          env=subprocess_env(), timeout=600)
+    out = tmp_path / "eval"
+    base = [sys.executable, "scripts/eval_reward_model.py", "--out", str(out)]
+    proc = subprocess.run(base + ["--prm", str(run), "--pairwise", str(pairs), "--process-arithmetic", "20",
+                                  "--best-of-n", str(REPO / "configs" / "prm_math.yaml"), "--set", f"model.name={digit_model}",
+                                  "--set", "data.arithmetic.word_problems=false", "--set", "rollout.max_new_tokens=6",
+                                  "--n", "1", "2", "--prompts", "3"],
+                          cwd=REPO, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "pairwise: " in proc.stdout and "ties" in proc.stdout and "f1" in proc.stdout and "oracle" in proc.stdout
+    report = json.loads((out / "rm_eval.json").read_text())
+    p = report["pairwise"]
+    assert p["pairs"] == 6 and p["right"] + (6 - p["right"]) == 6 and "ties" in p
+    proc_suite = report["process"]
+    assert proc_suite["items"] == 20 and proc_suite["reported_on"] == 10
+    for key in ("scorer", "flag_last_step", "untrained_prm"):
+        assert 0 <= proc_suite[key]["f1"] <= 1
+    # q = 0 everywhere: any threshold flags every step or none, so one of the two accuracies is 0
+    assert proc_suite["untrained_prm"]["f1"] == 0.0
+    table = report["best_of_n"]["accuracy"]
+    assert set(table) == {"1", "2"} and (out / "best_of_n.png").is_file()
+    for row in table.values():  # best-of-N picks one of the N: never above pass@N, never below 0
+        assert all(0 <= row[k] <= row["pass@n"] + 1e-12 for k in row)
+    assert table["1"]["min_step_reward"] == table["1"]["random"] == table["1"]["pass@n"]  # N = 1: no choice
+
+    # the same scorer reference-free, and bad input: one line, exit 2
+    lik = subprocess.run(base + ["--likelihood", str(run), "--process-arithmetic", "8"], cwd=REPO, capture_output=True,
+                         text=True, env=subprocess_env(), timeout=600)
+    assert lik.returncode == 0, lik.stderr[-2000:]
+    from rollout.models import load_model, load_tokenizer
+    other = tmp_path / "other-tokenizer"  # a model whose tokenizer has one extra token
+    load_model("tiny-random").save_pretrained(other)
+    tokenizer = load_tokenizer("tiny-random")
+    tokenizer.add_tokens(["<not-in-the-prm>"])
+    tokenizer.save_pretrained(other)
+    for bad, needle in [(["--prm", str(run), "--process", str(tmp_path / "missing.jsonl")], "no such file"),
+                        (["--prm", str(run), "--process", str(pairs)], "every row needs problem"),
+                        (["--prm", str(run), "--reference", str(other), "--process-arithmetic", "4"], "tokenizer differs"),
+                        (["--likelihood", str(tmp_path), "--process-arithmetic", "4"], "not an rlpost checkpoint"),
+                        (["--likelihood", str(tmp_path / "missing"), "--process-arithmetic", "4"], "does not load")]:
+        r = subprocess.run([sys.executable, "-m", "rlpost.cli", "eval-rm", "--out", str(out)] + bad, cwd=REPO, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-1500:])
+
+
+def test_best_of_n_helpers_by_hand():
+    ev = _eval_script()
+    assert ev.majority_pick(["1", "so 8", "it is 8", "7"]) == 1  # 8 has two votes: its first response
+    assert ev.majority_pick(["= 7", "so 8", "it is 8", "7"]) == 0  # 7 and 8 tie: the one seen first wins
+    # a tuned threshold is reported on the other half: here the halves disagree, so the oracle is better
+    labels, values = [0, -1, 0, -1], [[-1.0], [1.0], [1.5], [3.0]]
+    report = ev.threshold_report(labels, values)
+    assert report["threshold"] == 1.0  # on the first half: flag below 1.0 -> item 0 flagged, item 1 not: F1 1
+    assert report["f1"] == 0.0 and report["oracle"]["f1"] == 1.0 and report["oracle"]["threshold"] == 3.0
 
 
 def test_a_prm_equal_to_its_reference_scores_everything_zero():
