@@ -167,6 +167,7 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    adam_eps: float = Field(1e-8, gt=0)      # AdamW's epsilon
     max_bad_steps: int = Field(3, ge=1)      # consecutive steps with a non-finite loss/gradient before stopping
     micro_batch_size: int = Field(8, ge=1)   # sequences per forward/backward
     zero_stage: Literal[0, 2, 3] = 0

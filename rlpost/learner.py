@@ -107,7 +107,7 @@ class Learner:
             decoder = functools.partial(streamed_decoder, chunk_size=train.streambp_chunk_size)
         model.config.use_cache = False
         optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                                      betas=(0.9, 0.99))
+                                      betas=(0.9, 0.99), eps=train.adam_eps)
         warmup = train.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
