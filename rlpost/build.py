@@ -8,14 +8,14 @@ from typing import Callable
 import torch
 
 from rlpost.config import Config, ConfigError
-from rlpost.curriculum import CuresSampler, UniformSampler
+from rlpost.curriculum import CuresSampler, ShardSampler, UniformSampler
 from rlpost.data import PromptSet, ResponseSet, load_prompt_sets, load_response_groups
 from rlpost.evaluate import PairwiseEval, run_eval
 from rlpost.objectives import objective_class
 from rollout.engine import make_engine
 from rollout.models import load_model
 from rollout.source import AprilSource, DatasetSource, RoundSource, SyncSource
-from rollout.types import SamplingParams, UserError
+from rollout.types import SamplingParams, UserError, world
 
 
 @dataclass
@@ -76,6 +76,18 @@ def make_rollout_engine(cfg: Config, tokenizer, device: torch.device):
 
 
 def make_sampler(cfg: Config, num_prompts: int):
+    """curriculum.sampler over `num_prompts` prompts. APRIL on several ranks streams each rank's own
+    share of the prompts (prompt k belongs to rank k % world): a ShardSampler around the sampler."""
+    rank, world_size = world()
+    if cfg.rollout.scheduler == "april" and world_size > 1:
+        ids = list(range(num_prompts))[rank::world_size]
+        if not ids:
+            raise ConfigError(f"{num_prompts} training prompts cannot be shared by {world_size} ranks")
+        return ShardSampler(_sampler(cfg, len(ids)), ids)
+    return _sampler(cfg, num_prompts)
+
+
+def _sampler(cfg: Config, num_prompts: int):
     c = cfg.curriculum
     if c.sampler == "cures":
         return CuresSampler(num_prompts, cfg.run.seed, cfg.rollout.group_size, c.tau_mode, c.tau, c.allocation,

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rollout.types import UserError
+from rlpost.metrics import gather
+from rollout.types import UserError, world
 
 STATE_FILE = "trainer_state.pt"
 
@@ -57,6 +58,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rng(trainer_state: dict) -> None:
+    """Each rank's own generators as saved (its rollouts sampled from them), when the world size is
+    the one that saved them; else every rank gets rank 0's (a resume on another world size is not
+    exact anyway)."""
+    rank, world_size = world()
+    ranks = trainer_state.get("rng_ranks") or []
+    set_rng_state(ranks[rank] if len(ranks) == world_size else trainer_state["rng"])
+
+
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -83,6 +93,7 @@ def save_checkpoint(run_dir: Path, step: int, learner, tokenizer, trainer_state:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    rngs = gather(rng_state())  # every rank's generators (a collective)
     try:
         learner.save(tmp, tokenizer)  # collective under ZeRO: every rank takes part
         for name, other in (extra_learners or {}).items():
@@ -90,7 +101,7 @@ def save_checkpoint(run_dir: Path, step: int, learner, tokenizer, trainer_state:
             other.save(tmp / name, tokenizer)
         _barrier()
         if is_main:
-            torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
+            torch.save({**trainer_state, "step": step, "rng": rngs[0], "rng_ranks": rngs}, tmp / STATE_FILE)
     except OSError as e:  # disk full, quota, ...: drop the partial copy, keep everything that was there
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -216,3 +216,37 @@ class CuresSampler:
         self.correct, self.total = state["correct"].clone(), state["total"].clone()
         self.grad_moments = state["grad_moments"].clone()
         self.generator.set_state(state["generator"])
+
+
+class ShardSampler:
+    """A sampler over one rank's share of the prompts (global prompt ids `ids`), for sources where
+    each rank streams prompts on its own (APRIL on several ranks). The inner sampler works on local
+    indices 0..len(ids)-1; this wrapper speaks global prompt ids, and learns only from its own
+    prompts' outcomes (observe() hands every rank's). Its metrics: the learning-signal counts of the
+    whole step, plus the inner sampler's own numbers on this rank's share."""
+
+    def __init__(self, inner, ids: list[int]):
+        self.inner, self.ids = inner, list(ids)
+        self.local = {g: i for i, g in enumerate(self.ids)}
+        self.wants_grad_norms, self.warm_up_rollouts = inner.wants_grad_norms, inner.warm_up_rollouts
+
+    def next_batch(self, size: int) -> tuple[list[int], list[int]]:
+        ids, sizes = self.inner.next_batch(size)
+        return [self.ids[i] for i in ids], sizes
+
+    def update(self, prompt_id: int, correct: Sequence[bool], grad_norms: Sequence[float] | None = None) -> None:
+        if prompt_id in self.local:
+            self.inner.update(self.local[prompt_id], correct, grad_norms)
+
+    def metrics(self, groups: list[Group]) -> dict[str, float]:
+        import dataclasses
+        mine = [dataclasses.replace(g, prompt_id=self.local[g.prompt_id]) for g in groups if g.prompt_id in self.local]
+        return {**self.inner.metrics(mine), **signal_metrics(groups)}
+
+    def state_dict(self) -> dict:
+        return {"ids": self.ids, "inner": self.inner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["ids"] != self.ids:
+            raise ValueError("the sampler state is for another share of the prompts")
+        self.inner.load_state_dict(state["inner"])

@@ -1,4 +1,5 @@
-"""Where numbers go: a JSONL file and TensorBoard in the run dir, and a progress bar on the terminal."""
+"""Where numbers go: a JSONL file and TensorBoard in the run dir, and a progress bar on the terminal;
+and how a step's numbers become the whole job's on several ranks (`gather`, `over_ranks`)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
+
+from rollout.types import world
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,35 @@ def resolve(stats: Stats) -> dict[str, float]:
     """Stats as numbers; a mean over nothing (weight 0) is left out."""
     return {k: (v.value if isinstance(v, Mean) else v) for k, v in stats.items()
             if not (isinstance(v, Mean) and v.weight == 0)}
+
+
+def gather(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order: a collective, so every rank must call it."""
+    if world()[1] == 1:
+        return [obj]
+    out: list = [None] * world()[1]
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def over_ranks(stats: Stats, sums: tuple[str, ...] = (), maxes: tuple[str, ...] = ()) -> Stats:
+    """One rank's stats -> the job's: Means pool their totals and weights (a mean weighted by samples
+    or tokens over all ranks); a float is averaged over the ranks that report it (a loss already
+    normalised for DeepSpeed's rank averaging), or summed (`sums`: counts) or maxed (`maxes`: the
+    slowest rank's seconds). A collective."""
+    everyone = gather(stats)
+    out: Stats = {}
+    for key in dict.fromkeys(k for s in everyone for k in s):
+        values = [s[key] for s in everyone if key in s]
+        if isinstance(values[0], Mean):
+            out[key] = Mean(sum(v.total for v in values), sum(v.weight for v in values))
+        elif key in sums:
+            out[key] = float(sum(values))
+        elif key in maxes:
+            out[key] = float(max(values))
+        else:
+            out[key] = float(sum(values) / len(values))
+    return out
 
 
 class MetricsLogger:

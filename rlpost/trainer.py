@@ -27,7 +27,7 @@ from rlpost.batch import pack
 from rlpost.build import load_data, make_evaluator, make_objective, make_rewards, make_rollout_engine, make_source
 from rlpost.config import Config, dump_config
 from rlpost.learner import Learner
-from rlpost.metrics import MetricsLogger, Stats, progress_bar, resolve
+from rlpost.metrics import MetricsLogger, Stats, gather, over_ranks, progress_bar, resolve
 from rlpost.rundir import RunError, run_lock
 from rewards.math import MathReward
 from rollout.models import load_tokenizer
@@ -40,25 +40,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def step_metrics(groups: list[Group], train_stats: Stats, step_start: float, rollout_s: float, step_s: float) -> dict:
+def step_metrics(groups: list[Group], train_stats: Stats, timing: dict[str, float]) -> dict:
+    """The step's numbers from every rank's groups (sample means over the whole job), the pooled
+    train stats and the slowest rank's timings."""
     samples = [s for g in groups for s in g.samples]
     if not samples:  # a step that trains on earlier samples (APO inside a round)
-        return {"step_s": step_s, **resolve(train_stats)}
+        return {"step_s": timing["step_s"], **resolve(train_stats)}
     tokens = sum(len(s.response_ids) for s in samples)
     informative = [len({s.reward for s in g.samples}) > 1 for g in groups]
     return {
+        "groups": float(len(groups)),
         "reward": sum(s.reward for s in samples) / len(samples),
         "accuracy": sum(bool(s.correct) for s in samples) / len(samples),
         "response_length": tokens / len(samples),
         "truncated": sum(s.truncated for s in samples) / len(samples),
         "informative_groups": sum(informative) / len(informative),
-        "rollout_tokens_per_s": tokens / max(rollout_s, 1e-9),
-        "tokens_per_s": tokens / max(step_s, 1e-9),
-        "rollout_s": rollout_s,
-        "rollout_tail_s": tail_wait_s(samples, step_start),
-        "step_s": step_s,
+        "rollout_tokens_per_s": tokens / max(timing["rollout_s"], 1e-9),
+        "tokens_per_s": tokens / max(timing["step_s"], 1e-9),
+        **timing,
         **resolve(train_stats),
     }
+
+
+# APRIL's per-rank counts add up over ranks; its other numbers are averaged (rlpost.metrics.over_ranks)
+_COUNTS = tuple(f"april/{k}" for k in ("groups_submitted", "tokens_generated", "groups_finished", "groups_rejected",
+                                       "groups_recycled", "buffer_size"))
 
 
 def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> dict:
@@ -116,7 +122,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
             other.load(resume_dir / name)
         learner.version = start_step = state["step"]
         summary = state["summary"]
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore_rng(state)
         engine.load_weights(learner.named_weights(), learner.version)
     if is_main:
         dump_config(cfg, run_dir / "config.yaml")
@@ -157,12 +163,17 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
             raise RunError(f"{bad_steps} consecutive steps (up to step {step}) had a non-finite loss or gradient; "
                            f"stopped (train.max_bad_steps). The weights were not updated by them")
 
-        metrics = step_metrics(groups, train_stats, t0, rollout_s, time.time() - t0)
-        metrics.update(sampler_stats)
-        metrics.update(objective.metrics())
-        metrics.update(rewards.metrics())
-        metrics.update(rollout_stats)
-        metrics.update({f"reward/{k}": float(v) for k, v in verifier.pop_counters().items()})
+        # The whole job's numbers (collectives: every rank computes them, rank 0 logs them)
+        timing = {"rollout_s": rollout_s, "rollout_tail_s": tail_wait_s([s for g in groups for s in g.samples], t0),
+                  "step_s": time.time() - t0}
+        metrics = step_metrics([g for part in gather(groups) for g in part], over_ranks(train_stats),
+                               over_ranks(timing, maxes=tuple(timing)))
+        metrics.update(sampler_stats)  # computed from every rank's outcomes already
+        metrics.update(over_ranks(objective.metrics()))
+        metrics.update(over_ranks(rewards.metrics()))
+        metrics.update(over_ranks(rollout_stats, sums=_COUNTS, maxes=("april/rollout_s",)))
+        verifier_counts = {f"reward/{k}": float(v) for k, v in verifier.pop_counters().items()}
+        metrics.update(over_ranks(verifier_counts, sums=tuple(verifier_counts)))
         logger.log(step, metrics)
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
             evaluate(step)

@@ -91,18 +91,18 @@ class _SampledSource:
                 "init/seconds": time.time() - start}
 
     def observe(self, groups: list[Group]) -> dict[str, float]:
-        """Every scored rollout goes to the sampler (with per-response gradient norms when it wants
-        them). All ranks see all outcomes, so their samplers stay identical."""
-        outcomes = []
-        for g in groups:
-            norms = self.grad_norms(g.samples) if self.sampler.wants_grad_norms and self.grad_norms else None
-            outcomes.append((g.prompt_id, [bool(s.correct) for s in g.samples], norms))
+        """Every scored rollout of every rank goes to the sampler (with per-response gradient norms,
+        computed by the rank that generated it, when the sampler wants them): the ranks' samplers stay
+        identical, and the sampler's metrics describe the whole step."""
+        norms = [self.grad_norms(g.samples) if self.sampler.wants_grad_norms and self.grad_norms else None
+                 for g in groups]
         if world()[1] > 1:
             everyone: list = [None] * world()[1]
-            torch.distributed.all_gather_object(everyone, outcomes)
-            outcomes = [o for rank_outcomes in everyone for o in rank_outcomes]
-        for prompt_id, correct, norms in outcomes:
-            self.sampler.update(prompt_id, correct, norms)
+            torch.distributed.all_gather_object(everyone, (groups, norms))
+            groups = [g for rank_groups, _ in everyone for g in rank_groups]
+            norms = [n for _, rank_norms in everyone for n in rank_norms]
+        for g, n in zip(groups, norms):
+            self.sampler.update(g.prompt_id, [bool(s.correct) for s in g.samples], n)
         return self.sampler.metrics(groups)
 
     def state_dict(self) -> dict:
@@ -112,13 +112,19 @@ class _SampledSource:
         self.sampler.load_state_dict(state["sampler"])
 
 
+def rank_share(total: int) -> int:
+    """This rank's part of `total` when item k goes to rank k % world."""
+    rank, world_size = world()
+    return len(range(rank, total, world_size))
+
+
 class SyncSource(_SampledSource):
-    """B prompts per rank per step (the sampler draws B x world and each rank takes its share), each
-    group generated to the end in one engine call."""
+    """B prompts per step in all (the sampler draws B, prompt k goes to rank k % world: the same
+    prompts and group sizes whatever the world size), each group generated to the end in one call."""
 
     def next_groups(self, version: int) -> tuple[list[Group], dict[str, float]]:
         rank, world_size = world()
-        prompt_ids, group_sizes = self.sampler.next_batch(self.groups_per_step * world_size)
+        prompt_ids, group_sizes = self.sampler.next_batch(self.groups_per_step)
         prompt_ids, group_sizes = prompt_ids[rank::world_size], group_sizes[rank::world_size]
         return generate_groups(self.engine, self.prompts, prompt_ids, group_sizes, self.params), {}
 
@@ -127,7 +133,12 @@ class AprilSource(_SampledSource):
     """APRIL over the sampler's prompt stream: B finished groups per step, partial work kept in the
     scheduler's buffer (part of this source's state). A finished group is decoded (a resumed response
     was generated in pieces, so its text comes from all its token ids), scored, and passed through
-    `keep` (e.g. GRPO's dynamic sampling) before it counts towards B: the step trains on B kept groups."""
+    `keep` (e.g. GRPO's dynamic sampling) before it counts towards B: the step trains on B kept groups.
+
+    On N ranks every rank runs its own engine, scheduler and buffer over its own share of the prompts
+    (`sampler` is then a rlpost.curriculum.ShardSampler, built so in rlpost/build.py) and finishes
+    its share of B (waves of its share of N'); the checkpoint holds every rank's buffer, and a resume
+    must use the same world size (the buffers and prompt shares are per rank)."""
 
     def __init__(self, engine: RolloutEngine, sampler: PromptSampler, prompts: Prompts, params: SamplingParams,
                  groups_per_step: int, reward: Reward, tokenizer, *, submit_groups: int | None = None,
@@ -135,11 +146,13 @@ class AprilSource(_SampledSource):
         super().__init__(engine, sampler, prompts, params, groups_per_step, reward, grad_norms)
         if not isinstance(engine, StreamingEngine):
             raise UserError(f"rollout.scheduler=april needs a streaming engine; {type(engine).__name__} is not one")
-        if world()[1] > 1:
-            raise UserError("rollout.scheduler=april runs on one rank in this build (each rank would need its own "
-                            "buffer and prompt stream)")
         self.tokenizer, self.keep = tokenizer, keep
-        self.scheduler = AprilScheduler(engine, groups_per_step, submit_groups, max_new_tokens=params.max_new_tokens,
+        target = rank_share(groups_per_step)
+        if target == 0:
+            raise UserError(f"rollout.prompts_per_step={groups_per_step} is fewer than the {world()[1]} ranks: "
+                            f"APRIL needs at least one group per rank")
+        waves = max(target, -(-(submit_groups or 2 * groups_per_step) // world()[1]))
+        self.scheduler = AprilScheduler(engine, target, waves, max_new_tokens=params.max_new_tokens,
                                         params=params, accept=self._accept)
 
     def _accept(self, group: Group) -> bool:
@@ -160,17 +173,29 @@ class AprilSource(_SampledSource):
         return groups, {f"april/{k}": v for k, v in stats.items()}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "april": self.scheduler.state_dict()}
+        """Every rank's sampler and buffer (a collective on several ranks)."""
+        mine = {**super().state_dict(), "april": self.scheduler.state_dict()}
+        if world()[1] == 1:
+            return mine
+        everyone: list = [None] * world()[1]
+        torch.distributed.all_gather_object(everyone, mine)
+        return {"world_size": world()[1], "ranks": everyone}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.scheduler.load_state_dict(state["april"])
+        rank, world_size = world()
+        saved = state.get("world_size", 1)
+        if saved != world_size:
+            raise ValueError(f"APRIL keeps one buffer and prompt share per rank: this checkpoint was written by "
+                             f"{saved} rank(s), this run has {world_size}; resume it on {saved}")
+        mine = state["ranks"][rank] if "ranks" in state else state
+        super().load_state_dict(mine)
+        self.scheduler.load_state_dict(mine["april"])
 
 
 class DatasetSource:
     """Fixed responses from a file: `groups[i]` holds prompt i's responses (a chosen / rejected pair, or
-    reference answers). The sampler (uniform epochs) picks B x world groups per step, each rank its
-    share; fresh copies are handed out, since rewards write into the samples."""
+    reference answers). The sampler (uniform epochs) picks B groups per step, group k for rank
+    k % world; fresh copies are handed out, since rewards write into the samples."""
 
     def __init__(self, groups: list[Group], sampler: PromptSampler, groups_per_step: int):
         if not groups:
@@ -182,7 +207,7 @@ class DatasetSource:
 
     def next_groups(self, version: int) -> tuple[list[Group], dict[str, float]]:
         rank, world_size = world()
-        ids, _ = self.sampler.next_batch(self.groups_per_step * world_size)
+        ids, _ = self.sampler.next_batch(self.groups_per_step)
         return [copy.deepcopy(self.groups[i]) for i in ids[rank::world_size]], {}
 
     def observe(self, groups: list[Group]) -> dict[str, float]:

@@ -86,3 +86,115 @@ def test_cures_ragged_groups_on_two_ranks(trained, zero):
     dropped = load(2, "cures-dapo-zero2-rank1-dropped")
     lost = max(float((one["weights"][k] - dropped["weights"][k]).abs().max()) for k in one["weights"])
     assert lost > 100 * tolerance, (lost, tolerance)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole runs on two ranks: APRIL, resume, whole-job metrics, eval, two nodes
+
+DEEPSPEED = REPO / ".venv" / "bin" / "deepspeed"
+SMALL = ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=6", "eval.num_prompts=6",
+         "eval.pass_k=2", "train.micro_batch_size=4", "checkpoint.every=1", "checkpoint.keep_last=3",
+         "grpo.dynamic_sampling=false", "train.lr=1e-4", "reward.format_weight=0.5", "data.arithmetic.train_size=50",
+         "data.arithmetic.test_size=10", "rollout.max_batch_size=8"]
+
+
+def _sets(*pairs):
+    return [x for p in pairs for x in ("--set", p)]
+
+
+def _run(cmd, ok=True):
+    from conftest import subprocess_env
+    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env=subprocess_env())
+    if ok:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _weights(step_dir):
+    from safetensors.torch import load_file
+    return load_file(step_dir / "hf" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def april_two_ranks(tmp_path_factory, digit_model):
+    """APRIL on 2 ranks for 3 steps (checkpoint every step); a second run resumed from its step 1."""
+    if not DEEPSPEED.exists():
+        pytest.skip("deepspeed launcher not in .venv")
+    root = tmp_path_factory.mktemp("april2")
+    config = ["configs/grpo_math.yaml", "--no-progress",
+              *_sets(*SMALL, f"model.name={digit_model}", "rollout.scheduler=april", "rollout.tokens_per_step=2",
+                     "grpo.off_policy=mask_stale", "train.zero_stage=2", "train.max_steps=3")]
+    launch = [DEEPSPEED, "--num_gpus", "2", "--module", "rlpost.cli", "train"]
+    _run(launch + config + _sets(f"run.output_dir={root / 'a'}"))
+    _run(launch + config + _sets(f"run.output_dir={root / 'b'}", "eval.at_start=false")
+         + ["--resume", root / "a" / "checkpoints" / "step_1"])
+    return root, config
+
+
+def test_april_on_two_ranks_keeps_every_buffer_and_resumes_exactly(april_two_ranks):
+    from rlpost.checkpoint import load_trainer_state
+    from rlpost.metrics import read_metrics
+    root, _ = april_two_ranks
+    state = load_trainer_state(root / "a" / "checkpoints" / "step_1")["source"]
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    # each rank streams its own share of the prompts (prompt k on rank k % 2) and keeps its own buffer:
+    # N' = 2B = 8 in all, 4 per rank, of which each rank trains B / 2 = 2: 2 groups wait on each rank
+    for rank, part in enumerate(state["ranks"]):
+        assert part["sampler"]["ids"] == list(range(rank, 50, 2))[:len(part["sampler"]["ids"])]
+        assert len(part["april"]["buffer"]) == 2
+        assert all(g["prompt_id"] % 2 == rank for g in part["april"]["buffer"])
+    rows = [r for r in read_metrics(root / "a") if "april/groups_finished" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["april/groups_finished"] == 4 and r["groups"] == 4 for r in rows)  # B = 4 in all, summed over ranks
+    a, b = _weights(root / "a" / "checkpoints" / "step_3"), _weights(root / "b" / "checkpoints" / "step_3")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the resumed run continued exactly
+    moved = _weights(root / "a" / "checkpoints" / "step_2")
+    assert any(not torch.equal(a[k], moved[k]) for k in a)  # and the steps did train
+
+
+def test_april_resume_on_another_world_size_is_one_clear_error(april_two_ranks):
+    root, config = april_two_ranks
+    proc = _run([sys.executable, "-m", "rlpost.cli", "train", *config, *_sets(f"run.output_dir={root / 'c'}"),
+                 "--resume", root / "a" / "checkpoints" / "step_1"], ok=False)
+    assert proc.returncode == 2 and "written by 2 rank(s), this run has 1" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_numbers_do_not_depend_on_the_world_size(april_two_ranks):
+    """The 2-rank run's eval before training (the prompts split over ranks, results gathered) equals
+    a 1-rank eval of the same initial model: same chunks, same seeds, same numbers."""
+    from rlpost.metrics import read_metrics
+    root, config = april_two_ranks
+    _run([sys.executable, "-m", "rlpost.cli", "train", *config, *_sets(f"run.output_dir={root / 'one'}", "train.max_steps=1")])
+    two = next(r for r in read_metrics(root / "a") if r["step"] == 0 and "eval/accuracy" in r)
+    one = next(r for r in read_metrics(root / "one") if r["step"] == 0 and "eval/accuracy" in r)
+    for key in ("eval/accuracy", "eval/pass@2", "eval/sample_accuracy", "eval/response_length", "eval/num_prompts"):
+        assert one[key] == two[key], key
+
+
+def test_two_nodes_with_the_deepspeed_launcher(tmp_path, digit_model):
+    """Two launcher invocations on this machine as node 0 and node 1 of a hostfile (one process each,
+    no ssh: --no_ssh --node_rank), as on two hosts without passwordless ssh; trains two steps."""
+    if not DEEPSPEED.exists():
+        pytest.skip("deepspeed launcher not in .venv")
+    from conftest import subprocess_env
+    from rlpost.metrics import read_metrics
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    procs = [subprocess.Popen([str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "rlpost.cli",
+                               "train", "configs/grpo_math.yaml", "--no-progress",
+                               *_sets(*SMALL, f"model.name={digit_model}", f"run.output_dir={run}", "train.max_steps=2",
+                                      "eval.at_start=false")],
+                              cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    assert (run / "checkpoints" / "latest").resolve().name == "step_2"
+    rows = [r for r in read_metrics(run) if "groups" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["groups"] == 4 for r in rows)
