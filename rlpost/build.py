@@ -71,7 +71,7 @@ def make_rollout_engine(cfg: Config, tokenizer, device: torch.device):
     if cfg.rollout.scheduler == "dataset":
         return NoEngine()
     engine = make_engine(cfg.rollout.engine, cfg.model.name, tokenizer, device, max_batch_size=cfg.rollout.max_batch_size,
-                         tokens_per_step=cfg.rollout.tokens_per_step, seed=cfg.run.seed)
+                         tokens_per_step=cfg.rollout.tokens_per_step, seed=cfg.run.seed, **cfg.vllm_options())
     return engine if getattr(objective_class(cfg), "trains_the_sampler", True) else FixedPolicy(engine)
 
 

@@ -103,7 +103,7 @@ def _cmd_eval(args) -> int:
     # the checkpoint generates (accuracy) or is ranked against the config's reference model (pairwise)
     pairwise = cfg.eval.kind == "pairwise"
     engine = None if pairwise else make_engine(cfg.rollout.engine, model_path, tokenizer,
-                                               max_batch_size=cfg.rollout.max_batch_size)
+                                               max_batch_size=cfg.rollout.max_batch_size, **cfg.vllm_options())
     policy = load_model(model_path).eval() if pairwise else None
     verifier = MathReward(timeout_s=cfg.reward.timeout_s)
     result = make_evaluator(cfg, engine, data, verifier, policy, "cpu", tokenizer.pad_token_id)()

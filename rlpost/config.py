@@ -78,6 +78,12 @@ class RolloutConfig(Section):
     scheduler: Literal["sync", "april", "dataset"] = "sync"
     april_submit_groups: int | None = Field(None, ge=1)
     tokens_per_step: int = Field(8, ge=1)    # hf engine under APRIL: tokens per streaming step
+    # vLLM engine: the longest prompt + response it serves (None: data.max_prompt_tokens + the longest
+    # generation, training or eval), the share of GPU memory it may take (the learner shares the GPU),
+    # and on CPU the GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, when not set in the environment).
+    vllm_max_model_len: int | None = Field(None, ge=16)
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    vllm_cpu_kv_cache_gib: int = Field(2, ge=1)
 
 
 class CurriculumConfig(Section):
@@ -220,6 +226,13 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def vllm_options(self) -> dict:
+        """make_engine's vLLM settings from the rollout section."""
+        r = self.rollout
+        longest = max(r.max_new_tokens, self.eval.max_new_tokens or 0)
+        return {"max_model_len": r.vllm_max_model_len or self.data.max_prompt_tokens + longest,
+                "gpu_memory_utilization": r.vllm_gpu_memory_utilization, "cpu_kv_cache_gib": r.vllm_cpu_kv_cache_gib}
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

@@ -29,9 +29,10 @@ def available() -> bool:
 
 class VLLMEngine:
     def __init__(self, model_dir: str, tokenizer, max_batch_size: int = 64, max_model_len: int = 2048,
-                 seed: int = 0, dtype: str | None = None):
+                 seed: int = 0, dtype: str | None = None, gpu_memory_utilization: float = 0.3,
+                 cpu_kv_cache_gib: int = 2):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on CPU
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))  # GiB of KV cache on CPU
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -39,7 +40,7 @@ class VLLMEngine:
         args = EngineArgs(model=model_dir, tokenizer=model_dir, dtype=dtype or ("bfloat16" if cuda else "float32"),
                           seed=seed, max_num_seqs=max_batch_size, max_model_len=max_model_len,
                           logprobs_mode="processed_logprobs", enforce_eager=True, enable_prefix_caching=False,
-                          disable_log_stats=True, gpu_memory_utilization=0.3 if cuda else 0.9)
+                          disable_log_stats=True, gpu_memory_utilization=gpu_memory_utilization if cuda else 0.9)
         try:
             self.engine = LLMEngine.from_engine_args(args)
         except (RuntimeError, ValueError) as e:  # e.g. a head size the CPU attention kernels lack

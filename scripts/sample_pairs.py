@@ -40,7 +40,7 @@ def main() -> int:
     tokenizer = load_tokenizer(cfg.model.name)
     train, _ = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
     engine = make_engine(cfg.rollout.engine, cfg.model.name, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
-                         seed=cfg.run.seed)
+                         seed=cfg.run.seed, **cfg.vllm_options())
     verifier = MathReward(timeout_s=cfg.reward.timeout_s)
     r = cfg.rollout
     ids = list(range(len(train)))

@@ -59,3 +59,15 @@ def test_cli_user_errors_exit_2_with_one_line(args, needle):
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_vllm_settings_are_config_keys():
+    """vLLM's context length follows the prompt limit and the longest generation unless set; the GPU
+    memory share and the CPU KV cache are keys too (StreamBP's long responses need a long context)."""
+    from rlpost.config import load_config
+    cfg = load_config(REPO / "configs" / "grpo_math.yaml", ["data.max_prompt_tokens=300", "rollout.max_new_tokens=4000",
+                                                            "eval.max_new_tokens=5000"])
+    assert cfg.vllm_options() == {"max_model_len": 5300, "gpu_memory_utilization": 0.3, "cpu_kv_cache_gib": 2}
+    cfg = load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.vllm_max_model_len=9000",
+                                                            "rollout.vllm_gpu_memory_utilization=0.5"])
+    assert cfg.vllm_options()["max_model_len"] == 9000 and cfg.vllm_options()["gpu_memory_utilization"] == 0.5
