@@ -79,8 +79,12 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # a bare machine (the GPU check's): metrics.jsonl only
+                print("rlpost: tensorboard is not installed; metrics go to metrics.jsonl only")
+            else:
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -88,6 +92,8 @@ class MetricsLogger:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        if self._tb is None:
+            return
         for key, value in clean.items():
             if isinstance(value, float) and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
