@@ -53,7 +53,9 @@ PYEOF
       module=${pair%%:*}; wheel=${pair##*:}
       $PY -c "import $module" 2>/dev/null && continue
       files=$(ls "$CARRY"/wheels/${wheel}-*.whl 2>/dev/null || true)
-      [ -n "$files" ] && $PY -m pip install -q --no-index --no-deps $files || echo "gpu_check: could not install $wheel" >&2
+      if [ -n "$files" ]; then
+        $PY -m pip install -q --no-index --no-deps $files || echo "gpu_check: could not install $wheel" >&2
+      fi
     done
     export RLPOST_CACHE="$PWD/$CARRY/cache"
     exec $PY scripts/gpu_check.py "${@:2}"
