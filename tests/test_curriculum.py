@@ -84,3 +84,18 @@ def test_head_gradient_norms_match_autograd():
         logp, _ = token_logprobs(model, batch, temperature=0.8)
         (logp[row] * batch.response_mask[row]).sum().backward()
         assert fast[row] == pytest.approx(model.lm_head.weight.grad.norm().item(), rel=1e-6)
+
+
+def test_shard_sampler_speaks_global_ids_and_learns_only_its_share():
+    """APRIL on N ranks: rank 1 of 2 owns prompts 1, 3, 5, ...; its CurES posterior counts only those."""
+    from rlpost.curriculum import CuresSampler, ShardSampler
+    shard = ShardSampler(CuresSampler(5, seed=0, rollouts_per_prompt=4), ids=[1, 3, 5, 7, 9])
+    ids, sizes = shard.next_batch(3)
+    assert set(ids) <= {1, 3, 5, 7, 9} and len(set(ids)) == 3 and sum(sizes) == 12
+    shard.update(3, [True, True, False])   # its own prompt 3 = local index 1
+    shard.update(4, [True] * 8)            # rank 0's prompt: ignored
+    assert shard.inner.total.tolist() == [0, 3, 0, 0, 0] and shard.inner.correct.tolist() == [0, 2, 0, 0, 0]
+    state = shard.state_dict()
+    other = ShardSampler(CuresSampler(5, seed=0, rollouts_per_prompt=4), ids=[0, 2, 4, 6, 8])
+    with pytest.raises(ValueError, match="another share"):
+        other.load_state_dict(state)
