@@ -237,3 +237,32 @@ def test_pairwise_accuracy_counts_a_tie_as_wrong():
               for i in range(3)]
     result = PairwiseEval(load_model("tiny-random"), "tiny-random", groups, pad_id=2, micro_batch_size=4, device="cpu")()
     assert result["accuracy"] == 0.0 and result["ties"] == 1.0 and result["shorter_wins"] == 1.0
+
+
+def test_eval_rm_scores_with_a_sequence_classifier(tmp_path):
+    """--classifier: an AutoModelForSequenceClassification reward model on the pairwise suite; it has
+    no step values, so --process is one clear error."""
+    import json
+    import subprocess
+    import sys
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from conftest import REPO, subprocess_env
+    from rollout.models import load_tokenizer
+    tokenizer = load_tokenizer("tiny-random")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": f"What is {a} + 1?", "chosen": str(a + 1), "rejected": f"{a + 2}!"})
+                               for a in range(5)))
+    base = [sys.executable, "-m", "rlpost.cli", "eval-rm", "--classifier", str(tmp_path / "rm"), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(base + ["--pairwise", str(pairs)], cwd=REPO, capture_output=True, text=True,
+                          env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "rm_eval.json").read_text())["pairwise"]
+    assert report["pairs"] == 5 and 0 <= report["right"] <= 5 and report["ties"] + report["right"] <= 5
+    proc = subprocess.run(base + ["--process-arithmetic", "4"], cwd=REPO, capture_output=True, text=True,
+                          env=subprocess_env(), timeout=600)
+    assert proc.returncode == 2 and "no step values" in proc.stderr
