@@ -99,20 +99,18 @@ def threshold_report(labels: list[int], values: list[list[float]]) -> dict:
 # Scorers: per item, step values (for the process suite) and named response scores
 
 class Implicit:
+    """rewards.implicit_prm.ImplicitPRMScorer (the PRM's own scorer) as an eval scorer."""
+    rules = ["min_step_reward", "sum_step_reward", "min_step_value", "sum_step_value"]
+    pairwise_rule = "sum_step_reward"  # = r(y) = q_T
+
     def __init__(self, model, reference, beta: float):
-        self.model, self.reference, self.beta = model, reference, beta
-        self.rules = ["min_step_reward", "sum_step_reward", "min_step_value", "sum_step_value"]
-        self.pairwise_rule = "sum_step_reward"  # = r(y) = q_T
+        from rewards.implicit_prm import ImplicitPRMScorer
+        self.scorer = ImplicitPRMScorer(model, reference, beta)
 
     def __call__(self, packed, step_ends):
-        from rewards import implicit_prm as prm
-        from rlpost.batch import token_logprobs
-        mask = packed.response_mask.double()
-        rho = prm.token_rewards(token_logprobs(self.model, packed)[0].double(),
-                                token_logprobs(self.reference, packed)[0].double(), mask, self.beta)
-        values, rewards, step_mask = prm.step_values(prm.cumulative_values(rho, mask), step_ends)
-        scores = prm.response_scores(values, rewards, step_mask)
-        return [(values[i, :len(e)].tolist(), {k: float(v[i]) for k, v in scores.items()})
+        scores = self.scorer.score(packed.input_ids, packed.attention_mask, packed.position_ids, packed.response_mask,
+                                   packed.prompt_width, step_ends=step_ends)
+        return [(scores["step_values"][i, :len(e)].tolist(), {k: float(scores[k][i]) for k in self.rules})
                 for i, e in enumerate(step_ends)]
 
 

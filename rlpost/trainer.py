@@ -169,11 +169,9 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
         metrics = step_metrics([g for part in gather(groups) for g in part], over_ranks(train_stats),
                                over_ranks(timing, maxes=tuple(timing)))
         metrics.update(sampler_stats)  # computed from every rank's outcomes already
-        metrics.update(over_ranks(objective.metrics()))
-        metrics.update(over_ranks(rewards.metrics()))
-        metrics.update(over_ranks(rollout_stats, sums=_COUNTS, maxes=("april/rollout_s",)))
         verifier_counts = {f"reward/{k}": float(v) for k, v in verifier.pop_counters().items()}
-        metrics.update(over_ranks(verifier_counts, sums=tuple(verifier_counts)))
+        metrics.update(over_ranks({**objective.metrics(), **rewards.metrics(), **rollout_stats, **verifier_counts},
+                                  sums=_COUNTS + tuple(verifier_counts), maxes=("april/rollout_s",)))
         logger.log(step, metrics)
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
             evaluate(step)

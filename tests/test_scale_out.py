@@ -104,8 +104,9 @@ def _sets(*pairs):
 
 def _run(cmd, ok=True):
     from conftest import subprocess_env
+    # one thread per process in every run: runs compared with each other use the same CPU kernels
     proc = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=subprocess_env())
+                          env={**subprocess_env(), "OMP_NUM_THREADS": "1"})
     if ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
