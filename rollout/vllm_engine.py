@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -40,6 +41,9 @@ class VLLMEngine:
         args = EngineArgs(model=model_dir, tokenizer=model_dir, dtype=dtype or ("bfloat16" if cuda else "float32"),
                           seed=seed, max_num_seqs=max_batch_size, max_model_len=max_model_len,
                           logprobs_mode="processed_logprobs", enforce_eager=True, enable_prefix_caching=False,
+                          # no chunked prefill: a partly prefilled request's sampled token is discarded
+                          # and its seeded generator rewound, which vLLM's CPU generators cannot do
+                          enable_chunked_prefill=False,
                           disable_log_stats=True, gpu_memory_utilization=gpu_memory_utilization if cuda else 0.9)
         try:
             self.engine = LLMEngine.from_engine_args(args)
@@ -97,9 +101,13 @@ class VLLMEngine:
                       finished_at=None if aborted else time.time())
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        """A seeded call is reproducible and its requests independent: request i gets its own seed
+        derived from (params.seed, i), since vLLM seeds each request alone (one shared seed would make
+        every sample of a repeated prompt the same)."""
         ids = [f"gen-{i}" for i in range(len(prompts))]
-        for request_id, prompt in zip(ids, prompts):
-            self.add_request(request_id, prompt, params)
+        for i, (request_id, prompt) in enumerate(zip(ids, prompts)):
+            seeded = params if params.seed is None else replace(params, seed=(params.seed * 1_000_003 + i) % 2**31)
+            self.add_request(request_id, prompt, seeded)
         done: dict[str, Sample] = {}
         while len(done) < len(ids):
             done.update(self.step())

@@ -2,6 +2,7 @@
 scored by the math verifier, and correct-over-incorrect pairs (rlpost/objectives/dpo.build_pairs).
 
     .venv/bin/python scripts/sample_pairs.py configs/aligndistil_math.yaml --out runs/pairs/train.jsonl
+    .venv/bin/python scripts/sample_pairs.py configs/aligndistil_math.yaml --split test --out runs/pairs/test.jsonl
 
 Rows are TRL's conversational preference format (`prompt` as chat messages, `chosen` / `rejected`
 as one assistant message each), so `rollout.scheduler: dataset` reads them back through the chat
@@ -35,19 +36,22 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--pairs-per-group", type=int, default=1)
+    parser.add_argument("--split", choices=["train", "test"], default="train",
+                        help="sample the config's training prompts (default) or its held-out ones")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.model.name)
-    train, _ = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
+    train, test = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
+    prompts = train if args.split == "train" else test
     engine = make_engine(cfg.rollout.engine, cfg.model.name, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
                          seed=cfg.run.seed, **cfg.vllm_options())
     verifier = MathReward(timeout_s=cfg.reward.timeout_s)
     r = cfg.rollout
-    ids = list(range(len(train)))
+    ids = list(range(len(prompts)))
     groups = []
     for start in range(0, len(ids), r.prompts_per_step):
         chunk = ids[start:start + r.prompts_per_step]
-        groups += generate_groups(engine, train, chunk, [r.group_size] * len(chunk),
+        groups += generate_groups(engine, prompts, chunk, [r.group_size] * len(chunk),
                                   SamplingParams(r.max_new_tokens, r.temperature, r.top_p, seed=cfg.run.seed + start))
     OutcomeReward(verifier, max_new_tokens=r.max_new_tokens)(groups)
     verifier.close()
@@ -64,7 +68,9 @@ def main() -> int:
                                     "rejected": [{"role": "assistant", "content": g.samples[w].text}],
                                     "answer": g.answer}) + "\n")
                 rows += 1
-    print(f"{rows} pairs from {len(groups)} prompts x {r.group_size} samples -> {out}")
+    correct = [bool(s.correct) for g in groups for s in g.samples]
+    print(f"{rows} pairs from {len(groups)} prompts x {r.group_size} samples "
+          f"({sum(correct) / len(correct):.3f} of samples correct) -> {out}")
     return 0
 
 
