@@ -81,3 +81,16 @@ def test_abort_returns_the_partial_tokens(engine):
     rest = engine.generate([prompt + partial.response_ids],
                            SamplingParams(20 - len(partial.response_ids), 0.0))[0]
     assert partial.response_ids + rest.response_ids == whole.response_ids
+
+
+def test_a_seeded_call_samples_each_request_apart_and_repeats(engine):
+    """vLLM seeds each request on its own: one seeded call with a prompt repeated (a group) must still
+    give independent samples (the same seed everywhere made them identical), and the same call again
+    the same samples."""
+    prompt = list(engine.tokenizer.apply_chat_template([{"role": "user", "content": "Write a poem about the sea."}],
+                                                       add_generation_prompt=True, tokenize=True)["input_ids"])
+    params = SamplingParams(24, 1.0, seed=7)
+    first = [s.response_ids for s in engine.generate([prompt] * 4, params)]
+    again = [s.response_ids for s in engine.generate([prompt] * 4, params)]
+    assert len({tuple(r) for r in first}) > 1
+    assert again == first
