@@ -1,6 +1,7 @@
 """The AlignDistil benchmark (README "AlignDistil"), every stage a real run of the CLI, per seed:
 
-    .venv/bin/python scripts/bench_aligndistil.py --seeds 0 1 [--ablation theorem1] [--out runs/bench_aligndistil]
+    .venv/bin/python scripts/bench_aligndistil.py --seeds 0 1 [--variant theorem1:aligndistil.mode=theorem1] \
+        [--variant gamma1:aligndistil.gamma=1] [--out runs/bench_aligndistil]
 
 1. pairs (once, shared by the seeds): the base model's own samples of configs/aligndistil_math.yaml
    (8 per prompt, temperature 1), correct over incorrect as the verifier decides: 2 pairs per
@@ -8,14 +9,15 @@
 2. the DPO teacher and the reverse-DPO teacher (configs/dpo_math.yaml, the second with
    data.swap_pairs=true), from the base model.
 3. AlignDistil (configs/aligndistil_math.yaml) from the base model, with the two teachers; greedy
-   accuracy on the 200 held-out prompts every eval.every steps. Each `--ablation MODE` adds a run in
-   that mode (theorem1, theorem1_adaptive).
+   accuracy on the 200 held-out prompts every eval.every steps. Each `--variant NAME:KEY=VALUE[,KEY=VALUE]`
+   adds such a run with those config overrides (e.g. a theorem-1 ablation, another gamma).
 4. greedy accuracy of each kept DPO checkpoint on the same 200 prompts (`rlpost eval`).
 5. held-out pairwise accuracy of the contrastive reward log pi_dpo / pi_rev and of the DPO reward
    log pi_dpo / pi_ref (`rlpost eval-rm --prm DPO --reference REV|BASE --pairwise`).
 
 A stage whose output exists is not run again (delete its folder to redo it), so the script resumes.
-Prints one table per seed and the goals' verdicts; writes OUT/results.json.
+Prints one table per seed and the goals' verdicts; writes OUT/results.json (keeping the entries of
+seeds run earlier, e.g. `--seeds 1` after `--seeds 0 --variant ...`).
 """
 from __future__ import annotations
 
@@ -76,17 +78,16 @@ def first_reaching(points: dict[int, float], target: float) -> int | None:
     return next((s for s in sorted(points) if points[s] >= target), None)
 
 
-def bench_seed(seed: int, out: Path, pairs: Path, ablations: list[str]) -> dict:
+def bench_seed(seed: int, out: Path, pairs: Path, variants: dict[str, list[str]]) -> dict:
     d = out / f"seed{seed}"
     dpo, rev = d / "dpo", d / "reverse"
     data = [f"run.seed={seed}", f"data.source={pairs}", f"data.test_source={pairs.parent / 'test.jsonl'}"]
     train("configs/dpo_math.yaml", dpo, data)
     train("configs/dpo_math.yaml", rev, [*data, "data.swap_pairs=true", "checkpoint.every=0", "checkpoint.keep_last=1"])
     teachers = [f"aligndistil.dpo_model={dpo / 'checkpoints/latest/hf'}", f"aligndistil.reverse_model={rev / 'checkpoints/latest/hf'}"]
-    runs = {"aligndistil": d / "aligndistil"}
-    runs.update({mode: d / mode for mode in ablations})
-    for mode, run_dir in runs.items():
-        train("configs/aligndistil_math.yaml", run_dir, [f"run.seed={seed}", f"aligndistil.mode={mode}", *teachers])
+    runs = {name: d / name for name in ["aligndistil", *variants]}
+    for name, run_dir in runs.items():
+        train("configs/aligndistil_math.yaml", run_dir, [f"run.seed={seed}", *teachers, *variants.get(name, [])])
     steps = sorted(int(p.name.split("_")[1]) for p in (dpo / "checkpoints").glob("step_*"))
     dpo_curve = {s: eval_accuracy(dpo / "checkpoints" / f"step_{s}", d / f"dpo_eval_step{s}.json") for s in steps}
     curves = {mode: curve(run_dir) for mode, run_dir in runs.items()}
@@ -96,24 +97,24 @@ def bench_seed(seed: int, out: Path, pairs: Path, ablations: list[str]) -> dict:
     dpo_reward = pairwise(dpo / "checkpoints/latest", BASE, test_pairs, d / "rm_dpo")
     final_dpo = max(steps)
     target = dpo_curve[final_dpo]
-    return {"seed": seed, "dpo": dict(sorted(dpo_curve.items())), **{m: c for m, c in curves.items()},
+    return {"seed": seed, "curves": {"dpo": dict(sorted(dpo_curve.items())), **curves},
             "dpo_steps": final_dpo, "dpo_final_accuracy": target,
-            "aligndistil_steps_to_dpo_accuracy": first_reaching(curves["aligndistil"], target),
+            "steps_to_dpo_accuracy": {name: first_reaching(c, target) for name, c in curves.items()},
             "pairwise_contrastive": contrastive["accuracy"], "pairwise_dpo_reward": dpo_reward["accuracy"],
             "pairwise_pairs": contrastive["pairs"]}
 
 
 def print_seed(r: dict) -> None:
     print(f"\n## seed {r['seed']}: greedy accuracy on 200 held-out prompts against training steps")
-    names = [k for k in r if k in ("dpo", "aligndistil", "theorem1", "theorem1_adaptive")]
-    steps = sorted({s for n in names for s in r[n]})
-    print("| step | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    curves = r["curves"]
+    steps = sorted({s for c in curves.values() for s in c})
+    print("| step | " + " | ".join(curves) + " |\n|---|" + "---|" * len(curves))
     for s in steps:
-        print(f"| {s} | " + " | ".join(f"{r[n][s]:.3f}" if s in r[n] else "" for n in names) + " |")
-    reach = r["aligndistil_steps_to_dpo_accuracy"]
-    print(f"DPO after {r['dpo_steps']} steps: {r['dpo_final_accuracy']:.3f}; AlignDistil reaches it at step "
-          f"{reach if reach is not None else 'never (in its run)'}; goal <= {r['dpo_steps'] // 2}: "
-          f"{'met' if reach is not None and reach <= r['dpo_steps'] // 2 else 'NOT met'}")
+        print(f"| {s} | " + " | ".join(f"{c[s]:.3f}" if s in c else "" for c in curves.values()) + " |")
+    print(f"DPO after {r['dpo_steps']} steps: {r['dpo_final_accuracy']:.3f} (goal: reached in <= {r['dpo_steps'] // 2} steps)")
+    for name, reach in r["steps_to_dpo_accuracy"].items():
+        print(f"  {name} reaches it at step {reach if reach is not None else 'never (in its run)'}: "
+              f"{'met' if reach is not None and reach <= r['dpo_steps'] // 2 else 'NOT met'}")
     gap = 100 * (r["pairwise_contrastive"] - r["pairwise_dpo_reward"])
     print(f"pairwise accuracy on {r['pairwise_pairs']} held-out pairs: contrastive log pi_dpo/pi_rev "
           f"{r['pairwise_contrastive']:.3f}, DPO reward log pi_dpo/pi_ref {r['pairwise_dpo_reward']:.3f} "
@@ -123,11 +124,18 @@ def print_seed(r: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--ablation", action="append", default=[], choices=["theorem1", "theorem1_adaptive"])
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help="one more AlignDistil run per seed with these overrides (repeatable)")
     parser.add_argument("--pairs", default="runs/pairs/train.jsonl", help="training pairs (test.jsonl beside it)")
     parser.add_argument("--out", default="runs/bench_aligndistil")
     args = parser.parse_args()
     out, pairs = Path(args.out), Path(args.pairs)
+    variants = {}
+    for spec in args.variant:
+        name, _, sets = spec.partition(":")
+        if not name or not sets or name in ("aligndistil", "dpo", "reverse") or any("=" not in s for s in sets.split(",")):
+            parser.error(f"--variant {spec}: expected NAME:KEY=VALUE[,KEY=VALUE] with a new NAME")
+        variants[name] = sets.split(",")
     sampling = ["--set", "rollout.engine=vllm", "--set", "rollout.group_size=8", "--set", "rollout.prompts_per_step=100"]
     if not pairs.exists():
         run([PY, "scripts/sample_pairs.py", "configs/aligndistil_math.yaml", *sampling, "--pairs-per-group", "2",
@@ -135,12 +143,13 @@ def main() -> int:
     if not (pairs.parent / "test.jsonl").exists():
         run([PY, "scripts/sample_pairs.py", "configs/aligndistil_math.yaml", *sampling, "--split", "test",
              "--out", str(pairs.parent / "test.jsonl")], out / "pairs_test.log")
-    results = []
+    saved = out / "results.json"  # other seeds' results (runs with other --seeds) are kept
+    results = {r["seed"]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
     for seed in args.seeds:
-        results.append(bench_seed(seed, out, pairs, args.ablation))
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-    for r in results:
-        print_seed(r)
+        results[seed] = bench_seed(seed, out, pairs, variants)
+        saved.write_text(json.dumps([results[k] for k in sorted(results)], indent=2))
+    for seed in sorted(results):
+        print_seed(results[seed])
     print(f"\nwrote {out / 'results.json'}")
     return 0
 
