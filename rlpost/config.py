@@ -39,6 +39,7 @@ class ArithmeticConfig(Section):
     word_problems: bool = False                  # story text around the numbers instead of "What is a + b?"
     train_size: int = Field(2000, ge=1)
     test_size: int = Field(200, ge=1)
+    seed: int | None = None                      # the problems' seed; None: run.seed (pin it to compare run seeds on the same data)
 
 
 class DataConfig(Section):

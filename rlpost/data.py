@@ -184,7 +184,7 @@ def render_prompt(tokenizer, question: str, cfg: DataConfig) -> list[int]:
 def load_prompt_sets(cfg: DataConfig, tokenizer, seed: int) -> tuple[PromptSet, PromptSet]:
     """(train, test) prompt sets, tokenized."""
     if cfg.source == "arithmetic":
-        train, test = arithmetic_splits(cfg.arithmetic, seed)
+        train, test = arithmetic_splits(cfg.arithmetic, seed if cfg.arithmetic.seed is None else cfg.arithmetic.seed)
         train_set, test_set = PromptSet(train), PromptSet(test)
     else:
         train, bad_train = load_problems(cfg.source, cfg.train_split, cfg)

@@ -73,3 +73,14 @@ def test_prompt_rendering_uses_chat_template(tokenizer):
     train, _ = load_prompt_sets(cfg, tokenizer, seed=0)
     text = tokenizer.decode(train.prompt_ids[0])
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and "Q: What is" in text
+
+
+def test_a_pinned_problem_seed_keeps_the_problems_across_run_seeds(tokenizer):
+    """data.arithmetic.seed pins the problems (a seed study trains on the same data); unset, run.seed draws them."""
+    def questions(run_seed, problem_seed=None):
+        cfg = DataConfig(arithmetic=ArithmeticConfig(train_size=50, test_size=20, seed=problem_seed))
+        train, test = load_prompt_sets(cfg, tokenizer, seed=run_seed)
+        return [p.question for p in train.problems], [p.question for p in test.problems]
+
+    assert questions(0, problem_seed=0) == questions(1, problem_seed=0) == questions(0)
+    assert questions(1) != questions(0)
