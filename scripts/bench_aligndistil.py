@@ -145,6 +145,8 @@ def main() -> int:
              "--out", str(pairs.parent / "test.jsonl")], out / "pairs_test.log")
     saved = out / "results.json"  # other seeds' results (runs with other --seeds) are kept
     results = {r["seed"]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
+    for r in results.values():  # JSON keys are strings: the steps back to ints
+        r["curves"] = {name: {int(s): a for s, a in c.items()} for name, c in r["curves"].items()}
     for seed in args.seeds:
         results[seed] = bench_seed(seed, out, pairs, variants)
         saved.write_text(json.dumps([results[k] for k in sorted(results)], indent=2))
