@@ -15,7 +15,8 @@
 5. held-out pairwise accuracy of the contrastive reward log pi_dpo / pi_rev and of the DPO reward
    log pi_dpo / pi_ref (`rlpost eval-rm --prm DPO --reference REV|BASE --pairwise`).
 
-A stage whose output exists is not run again (delete its folder to redo it), so the script resumes.
+A stage whose output exists is not run again (delete its folder to redo it), so the script resumes;
+a training run killed after a checkpoint is resumed from it, one killed before any starts again.
 Prints one table per seed and the goals' verdicts; writes OUT/results.json (keeping the entries of
 seeds run earlier, e.g. `--seeds 1` after `--seeds 0 --variant ...`).
 """
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 PY = sys.executable
 BASE = "smollm2-135m-instruct"
 
@@ -47,9 +50,18 @@ def run(cmd: list[str], log: Path) -> str:
 
 
 def train(config: str, out: Path, sets: list[str]) -> None:
-    if not (out / "checkpoints" / "latest").exists():
-        run([PY, "-m", "rlpost.cli", "train", config, "--set", f"run.output_dir={out}", *[a for s in sets for a in ("--set", s)]],
-            out.with_suffix(".log"))
+    from rlpost.checkpoint import resolve_checkpoint
+    from rlpost.config import load_config
+
+    cmd = [PY, "-m", "rlpost.cli", "train", config, "--set", f"run.output_dir={out}", *[a for s in sets for a in ("--set", s)]]
+    latest = out / "checkpoints" / "latest"
+    if latest.exists():
+        if int(resolve_checkpoint(latest).name.split("_")[1]) >= load_config(config, sets).train.max_steps:
+            return  # finished
+        cmd += ["--resume", str(latest)]
+    else:
+        shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl appends: a run killed early would mix in
+    run(cmd, out.with_suffix(".log"))
 
 
 def eval_accuracy(checkpoint: Path, cache: Path) -> float:
@@ -70,18 +82,18 @@ def pairwise(policy: Path, reference: str, pairs: Path, out: Path) -> dict:
 
 def curve(run_dir: Path) -> dict[int, float]:
     """step -> eval/accuracy from a run's metrics.jsonl (the last value logged for a step)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
+    from rlpost.metrics import read_metrics
+    return {r["step"]: r["eval/accuracy"] for r in read_metrics(run_dir) if "eval/accuracy" in r}
 
 
 def first_reaching(points: dict[int, float], target: float) -> int | None:
     return next((s for s in sorted(points) if points[s] >= target), None)
 
 
-def bench_seed(seed: int, out: Path, pairs: Path, variants: dict[str, list[str]]) -> dict:
+def bench_seed(seed: int, out: Path, pairs: Path, test_pairs: Path, variants: dict[str, list[str]]) -> dict:
     d = out / f"seed{seed}"
     dpo, rev = d / "dpo", d / "reverse"
-    data = [f"run.seed={seed}", f"data.source={pairs}", f"data.test_source={pairs.parent / 'test.jsonl'}"]
+    data = [f"run.seed={seed}", f"data.source={pairs}", f"data.test_source={test_pairs}"]
     train("configs/dpo_math.yaml", dpo, data)
     train("configs/dpo_math.yaml", rev, [*data, "data.swap_pairs=true", "checkpoint.every=0", "checkpoint.keep_last=1"])
     teachers = [f"aligndistil.dpo_model={dpo / 'checkpoints/latest/hf'}", f"aligndistil.reverse_model={rev / 'checkpoints/latest/hf'}"]
@@ -92,7 +104,6 @@ def bench_seed(seed: int, out: Path, pairs: Path, variants: dict[str, list[str]]
     dpo_curve = {s: eval_accuracy(dpo / "checkpoints" / f"step_{s}", d / f"dpo_eval_step{s}.json") for s in steps}
     curves = {mode: curve(run_dir) for mode, run_dir in runs.items()}
     dpo_curve[0] = curves["aligndistil"][0]  # the same base model, prompts and greedy decoding
-    test_pairs = pairs.parent / "test.jsonl"
     contrastive = pairwise(dpo / "checkpoints/latest", str(rev / "checkpoints/latest/hf"), test_pairs, d / "rm_contrastive")
     dpo_reward = pairwise(dpo / "checkpoints/latest", BASE, test_pairs, d / "rm_dpo")
     final_dpo = max(steps)
@@ -130,6 +141,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/bench_aligndistil")
     args = parser.parse_args()
     out, pairs = Path(args.out), Path(args.pairs)
+    test_pairs = pairs.parent / "test.jsonl"
     variants = {}
     for spec in args.variant:
         name, _, sets = spec.partition(":")
@@ -140,19 +152,19 @@ def main() -> int:
     if not pairs.exists():
         run([PY, "scripts/sample_pairs.py", "configs/aligndistil_math.yaml", *sampling, "--pairs-per-group", "2",
              "--out", str(pairs)], out / "pairs_train.log")
-    if not (pairs.parent / "test.jsonl").exists():
+    if not test_pairs.exists():
         run([PY, "scripts/sample_pairs.py", "configs/aligndistil_math.yaml", *sampling, "--split", "test",
-             "--out", str(pairs.parent / "test.jsonl")], out / "pairs_test.log")
+             "--out", str(test_pairs)], out / "pairs_test.log")
     saved = out / "results.json"  # other seeds' results (runs with other --seeds) are kept
     results = {r["seed"]: r for r in json.loads(saved.read_text())} if saved.exists() else {}
     for r in results.values():  # JSON keys are strings: the steps back to ints
         r["curves"] = {name: {int(s): a for s, a in c.items()} for name, c in r["curves"].items()}
     for seed in args.seeds:
-        results[seed] = bench_seed(seed, out, pairs, variants)
+        results[seed] = bench_seed(seed, out, pairs, test_pairs, variants)
         saved.write_text(json.dumps([results[k] for k in sorted(results)], indent=2))
     for seed in sorted(results):
         print_seed(results[seed])
-    print(f"\nwrote {out / 'results.json'}")
+    print(f"\nwrote {saved}")
     return 0
 
 
