@@ -1,4 +1,4 @@
-"""The AlignDistil benchmark (README "AlignDistil"), every stage a real run of the CLI, per seed:
+"""The AlignDistil benchmark (docs/aligndistil.md), every stage a real run of the CLI, per seed:
 
     .venv/bin/python scripts/bench_aligndistil.py --seeds 0 1 [--variant theorem1:aligndistil.mode=theorem1] \
         [--variant gamma1:aligndistil.gamma=1] [--out runs/bench_aligndistil]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (README "GPU check"), in two halves:
+# The GPU check (docs/gpu.md), in two halves:
 #
 #   scripts/gpu_check.sh pack   here, with the package registry: builds runs/gpu_carry/ (under 64 MiB):
 #                               wheels of what a bare CUDA machine with torch + transformers lacks

@@ -7,7 +7,7 @@ scored by the math verifier, and correct-over-incorrect pairs (rlpost/objectives
 Rows are TRL's conversational preference format (`prompt` as chat messages, `chosen` / `rejected`
 as one assistant message each), so `rollout.scheduler: dataset` reads them back through the chat
 template exactly as the prompts were rendered for sampling. The DPO and reverse-DPO teachers of
-AlignDistil are trained on such a file (see the README's AlignDistil recipe).
+AlignDistil are trained on such a file (see docs/aligndistil.md).
 """
 from __future__ import annotations
 
