@@ -25,7 +25,7 @@ class Section(BaseModel):
 
 class RunConfig(Section):
     output_dir: str = "runs/default"  # metrics, TensorBoard, checkpoints
-    seed: int = 0
+    seed: int = 0                            # seeds Python/NumPy/torch, vLLM, the samplers, the data (arithmetic, held_out)
 
 
 class ModelConfig(Section):
@@ -35,41 +35,41 @@ class ModelConfig(Section):
 class ArithmeticConfig(Section):
     digits: int = Field(1, ge=1, le=6)           # operands have up to this many digits
     num_operations: int = Field(1, ge=1, le=4)   # operations per problem
-    operations: list[Literal["+", "-", "*"]] = ["+", "-"]
+    operations: list[Literal["+", "-", "*"]] = ["+", "-"]  # each operation is drawn from these
     word_problems: bool = False                  # story text around the numbers instead of "What is a + b?"
-    train_size: int = Field(2000, ge=1)
-    test_size: int = Field(200, ge=1)
+    train_size: int = Field(2000, ge=1)      # training problems (fewer if not that many distinct ones exist)
+    test_size: int = Field(200, ge=1)        # held-out problems, disjoint from the training ones
     seed: int | None = None                      # the problems' seed; None: run.seed (pin it to compare run seeds on the same data)
 
 
 class DataConfig(Section):
     source: str = "arithmetic"          # "arithmetic", a .jsonl/.json/.parquet file, a folder, or a hub id
     test_source: str | None = None      # held-out file when `source` is a file; else the test split
-    train_split: str = "train"
-    test_split: str = "test"
-    question_field: str = "question"
-    answer_field: str = "answer"
+    train_split: str = "train"               # hub dataset split to train on
+    test_split: str = "test"                 # hub dataset split to evaluate on
+    question_field: str = "question"         # row field holding the question
+    answer_field: str = "answer"             # row field holding the reference answer
     answer_format: Literal["plain", "gsm8k"] = "plain"  # gsm8k: the answer follows "#### "
     system_prompt: str | None = None    # None keeps the chat template's default system message
-    prompt_template: str = "{question}"
-    max_train_prompts: int | None = Field(None, ge=1)
-    max_test_prompts: int | None = Field(None, ge=1)
+    prompt_template: str = "{question}"      # the user message; {question} is replaced by the question
+    max_train_prompts: int | None = Field(None, ge=1)  # the first N training prompts only; None: all
+    max_test_prompts: int | None = Field(None, ge=1)  # the first N held-out prompts only; None: all
     max_prompt_tokens: int = Field(1024, ge=1)  # longer prompts (chat template included) are skipped, counted
     # Fixed-response files (rollout.scheduler=dataset): a longer prompt keeps its last max_prompt_tokens
     # tokens (the turns nearest the answer), a longer response its first max_response_tokens; counted.
     max_response_tokens: int = Field(512, ge=1)
     held_out: int = Field(0, ge=0)      # rows of a fixed-response source held out for eval (seeded), without test_source
     swap_pairs: bool = False            # train on rejected over chosen (the reverse DPO model of AlignDistil)
-    arithmetic: ArithmeticConfig = ArithmeticConfig()
+    arithmetic: ArithmeticConfig = ArithmeticConfig()  # the built-in problems (source: arithmetic)
 
 
 class RolloutConfig(Section):
-    engine: Literal["hf", "vllm", "auto"] = "hf"
+    engine: Literal["hf", "vllm", "auto"] = "hf"  # hf: transformers; vllm: in-process vLLM; auto: vllm if it imports
     prompts_per_step: int = Field(8, ge=1)   # B: groups per step
     group_size: int = Field(8, ge=2)         # G: samples per prompt
     max_new_tokens: int = Field(64, ge=1)    # L_max
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)    # sampling temperature (rollouts, pass@k); GRPO's log-probs use it
+    top_p: float = Field(1.0, gt=0, le=1)    # nucleus sampling (rollouts, pass@k)
     max_batch_size: int = Field(64, ge=1)    # sequences generated at once
     # The rollout source (rollout/source.py). sync: generate every group of the step to the end.
     # april: active partial rollouts (rollout/april.py): submit `april_submit_groups` groups (N',
@@ -77,19 +77,19 @@ class RolloutConfig(Section):
     # keep the rest for the next step. dataset: fixed responses read from data.source (no engine
     # calls in training; rows with prompt + chosen/rejected, completion or completions).
     scheduler: Literal["sync", "april", "dataset"] = "sync"
-    april_submit_groups: int | None = Field(None, ge=1)
+    april_submit_groups: int | None = Field(None, ge=1)  # N' under april; None: 2 * prompts_per_step
     tokens_per_step: int = Field(8, ge=1)    # hf engine under APRIL: tokens per streaming step
     # vLLM engine: the longest prompt + response it serves (None: data.max_prompt_tokens + the longest
     # generation, training or eval), the share of GPU memory it may take (the learner shares the GPU),
     # and on CPU the GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, when not set in the environment).
     vllm_max_model_len: int | None = Field(None, ge=16)
-    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
-    vllm_cpu_kv_cache_gib: int = Field(2, ge=1)
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # share of GPU memory vLLM may take
+    vllm_cpu_kv_cache_gib: int = Field(2, ge=1)  # GiB of vLLM KV cache on CPU
 
 
 class CurriculumConfig(Section):
     """Prompt sampling (ALGORITHMS.md §3). The rollout budget per step is prompts_per_step * group_size."""
-    sampler: Literal["uniform", "cures"] = "uniform"
+    sampler: Literal["uniform", "cures"] = "uniform"  # uniform: shuffled epochs; cures: CurES
     tau_mode: Literal["fixed", "code"] = "fixed"   # code: the released tau_i = 100 (a_i + 1)
     tau: float = Field(0.1, gt=0)                   # softmax temperature of the fixed mode
     allocation: Literal["score", "grad_norm"] = "score"  # k_i ~ s(p) or ~ sigma_i from gradient norms
@@ -97,29 +97,79 @@ class CurriculumConfig(Section):
     init_rollouts: int = Field(4, ge=0)             # N_min per training prompt before step 1; 0 skips
 
 
+class RewardFunctionConfig(Section):
+    """One reward function in TRL's convention (rewards/functions.py)."""
+    fn: str                                  # "package.module:name" or "path/to/file.py:name" (relative: to the config's folder)
+    weight: float = 1.0                      # its weight in the shaped reward (a weighted sum)
+    name: str | None = None                  # the metric reward/NAME and what correct_from names; default: the function's name
+    isolate: bool = True                     # run it in a killable worker process under timeout_s; false: in-process, no limit
+
+
+class RewardModelConfig(Section):
+    """A trained reward model as a reward (rewards/reward_model.py)."""
+    model: str                               # AutoModelForSequenceClassification, one label: hub id, folder or rlpost checkpoint
+    weight: float = 1.0                      # its weight in the shaped reward
+    batch_size: int = Field(8, ge=1)         # completions scored per forward
+    name: str | None = None                  # the metric reward/NAME; default: rm (rm_1, rm_2, ... with several)
+
+
 class RewardConfig(Section):
     """Outcome reward and its shaping. `correct` (what CurES and the accuracy metric count) is the
-    verifier's verdict alone; the shaped reward adds the bonus and the penalty below."""
-    timeout_s: float = Field(5.0, gt=0)      # per-answer limit for math-verify
-    format_weight: float = 0.0               # bonus for a response that stops by itself with an answer
+    verifier's verdict alone; the shaped reward adds the bonus and the penalty below. With
+    `functions` and / or `models`, the user's reward functions and reward models replace the math
+    verifier: the shaped reward is their weighted sum, the verdict `correct_from` >= `correct_threshold`."""
+    timeout_s: float = Field(5.0, gt=0)      # per-answer limit for math-verify; per call for an isolated reward function
+    format_weight: float = 0.0               # bonus for a response that stops by itself with an answer (math verifier only)
     overlong_penalty: bool = False           # DAPO soft length penalty added to the reward
     overlong_cache: int = Field(16, ge=1)    # L_cache of that penalty
+    functions: list[RewardFunctionConfig] | None = None  # reward functions (TRL's convention); null: the math verifier
+    models: list[RewardModelConfig] | None = None  # reward models, summed with the functions by weight
+    correct_from: str | None = None          # the function (or model) whose value is the verdict; default: the only one
+    correct_threshold: float = 1.0           # correct = that function's value >= this
+    on_error: Literal["raise", "zero"] = "raise"  # a failing function: stop the run with one line, or score 0 and count it
+
+    @model_validator(mode="after")
+    def _functions(self) -> "RewardConfig":
+        if self.functions is None and self.models is None:
+            return self
+        names = self.scorer_names()
+        if not names:
+            raise ValueError("reward.functions / reward.models: give at least one, or leave both null for the math verifier")
+        if len(set(names)) < len(names):
+            raise ValueError(f"reward.functions: two scorers are named alike ({', '.join(names)}); set name: on one")
+        if self.correct_from is None and len(names) > 1:
+            raise ValueError(f"reward.correct_from: name the scorer whose value is the verdict (one of {', '.join(names)})")
+        if self.correct_from is not None and self.correct_from not in names:
+            raise ValueError(f"reward.correct_from: {self.correct_from!r} is none of the scorers ({', '.join(names)})")
+        if self.format_weight:
+            raise ValueError("reward.format_weight is the math verifier's bonus; with reward.functions write it as a function")
+        return self
+
+    @property
+    def user_scorers(self) -> bool:
+        return self.functions is not None or self.models is not None
+
+    def scorer_names(self) -> list[str]:
+        """The functions' then the models' names, as metrics and correct_from know them."""
+        models = self.models or []
+        return ([f.name or f.fn.rpartition(":")[2] for f in self.functions or []] +
+                [m.name or ("rm" if len(models) == 1 else f"rm_{i + 1}") for i, m in enumerate(models)])
 
 
 class GRPOConfig(Section):
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    eps_low: float = Field(0.2, ge=0)
-    eps_high: float = Field(0.28, ge=0)
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # std normalisation of advantages (ALGORITHMS.md §1.3)
+    aggregation: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"  # loss aggregation over tokens (ALGORITHMS.md §1.3)
+    eps_low: float = Field(0.2, ge=0)        # ratio clipped below at 1 - eps_low (must be < 1)
+    eps_high: float = Field(0.28, ge=0)      # ratio clipped above at 1 + eps_high (DAPO clip-higher)
     beta: float = Field(0.0, ge=0)           # k3 KL coefficient; > 0 loads the reference model
-    ratio_level: Literal["token", "sequence"] = "token"
+    ratio_level: Literal["token", "sequence"] = "token"  # sequence: one ratio per response, exp(mean log-ratio) (GSPO)
     dynamic_sampling: bool = True            # drop groups whose rewards are all equal
     mask_truncated: bool = False             # truncated responses contribute no loss tokens
     reference: str | None = None             # KL reference model; default model.name; loaded only if beta > 0
     # Tokens sampled by an older policy (APRIL resumes): ignore, mask them out of the loss, or weight
     # the policy-gradient term by the truncated importance weight min(pi / pi_behaviour, tis_cap).
     off_policy: Literal["ignore", "mask_stale", "tis"] = "ignore"
-    tis_cap: float = Field(2.0, gt=0)
+    tis_cap: float = Field(2.0, gt=0)        # C of off_policy=tis
     # keep only groups whose share of correct answers lies in [low, high] (PRIME's [0.2, 0.8]); null: all
     accuracy_range: tuple[float, float] | None = None
 
@@ -132,15 +182,15 @@ class DPOConfig(Section):
 
 class APOConfig(Section):
     """APO (ALGORITHMS.md §4): DPO in rounds; the reference of round t+1 extrapolates pi_t -> pi_(t+1)."""
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0)           # DPO's beta in each round
     alpha: float = Field(0.3, ge=0)          # Nesterov momentum of the reference; 0 is iterative DPO
     steps_per_round: int = Field(4, ge=1)    # optimizer steps on one round's pairs (each a pass over all of them)
-    pairs_per_group: int = Field(2, ge=1)
+    pairs_per_group: int = Field(2, ge=1)    # correct-over-incorrect pairs taken from each group, at most
 
 
 class PRMConfig(Section):
     """Implicit PRM training (ALGORITHMS.md §6): r(y) = beta (log pi_phi(y) - log pi_ref(y)) from outcome labels."""
-    beta: float = Field(0.05, gt=0)
+    beta: float = Field(0.05, gt=0)          # scale of the implicit reward r(y)
     loss: Literal["ce", "dpo"] = "ce"        # ce: every labelled response; dpo: correct over incorrect pairs
     pairs_per_group: int = Field(1, ge=1)    # dpo only
     reference: str | None = None             # the frozen reference; default model.name
@@ -159,7 +209,7 @@ class AlignDistilConfig(Section):
     """AlignDistil (ALGORITHMS.md §5): distil towards a teacher made from a DPO and a reverse-DPO model."""
     dpo_model: str | None = None             # a DPO-trained model (algorithm=dpo); required
     reverse_model: str | None = None         # the same trained on swapped pairs (data.swap_pairs=true); required
-    mode: Literal["aligndistil", "theorem1", "theorem1_adaptive"] = "aligndistil"
+    mode: Literal["aligndistil", "theorem1", "theorem1_adaptive"] = "aligndistil"  # teacher z* formula (ALGORITHMS.md §5)
     beta: float = Field(0.1, gt=0)           # the token loss weight is beta / w
     gamma: float = Field(10.0, ge=0)         # w_t = gamma ||p_dpo - p_rev||_1 + 1e-3 (adaptive modes)
     w: float = Field(0.1, gt=0)              # the fixed w of mode theorem1
@@ -169,15 +219,15 @@ class AlignDistilConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(20, ge=0)
-    lr: float = Field(1e-6, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_steps: int = Field(20, ge=0)         # training steps: one rollout batch and at most one optimizer step each
+    lr: float = Field(1e-6, gt=0)            # AdamW learning rate (after warm-up)
+    warmup_steps: int = Field(0, ge=0)       # linear learning-rate warm-up over this many steps, then constant
+    weight_decay: float = Field(0.0, ge=0)   # AdamW's weight decay
+    max_grad_norm: float = Field(1.0, gt=0)  # clip the global gradient norm to this
     adam_eps: float = Field(1e-8, gt=0)      # AdamW's epsilon
     max_bad_steps: int = Field(3, ge=1)      # consecutive steps with a non-finite loss/gradient before stopping
     micro_batch_size: int = Field(8, ge=1)   # sequences per forward/backward
-    zero_stage: Literal[0, 2, 3] = 0
+    zero_stage: Literal[0, 2, 3] = 0         # picks configs/deepspeed/zero{N}.json (DeepSpeed ZeRO)
     # How the decoder is back-propagated: plain autograd, HF gradient checkpointing (per layer),
     # or StreamBP (rlpost/streambp.py: exact, sequence-chunked, for long responses).
     backward: Literal["autograd", "checkpointing", "streambp"] = "autograd"
@@ -194,7 +244,7 @@ class EvalConfig(Section):
     num_prompts: int | None = Field(None, ge=1)  # None: the whole held-out split
     pass_k: int = Field(4, ge=1)             # samples per prompt for pass@k (1 disables sampling)
     max_new_tokens: int | None = Field(None, ge=1)  # default: rollout.max_new_tokens
-    at_start: bool = True
+    at_start: bool = True                    # evaluate before step 1 (not when resuming)
     # accuracy: greedy (and pass@k) accuracy on held-out prompts, scored by the verifier.
     # pairwise: share of held-out preference pairs whose implicit reward beta (log pi - log pi_ref)
     # ranks chosen strictly above rejected (needs rollout.scheduler=dataset and held-out pairs).
@@ -204,7 +254,7 @@ class EvalConfig(Section):
 
 class CheckpointConfig(Section):
     every: int = Field(10, ge=0)             # 0: only the final one
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1)          # step checkpoints kept; older ones are deleted
 
 
 ALGORITHMS = ("grpo", "dpo", "apo", "aligndistil", "implicit_prm")  # rlpost/objectives/__init__.py registers one objective per name
@@ -212,21 +262,21 @@ ALGORITHMS = ("grpo", "dpo", "apo", "aligndistil", "implicit_prm")  # rlpost/obj
 
 class Config(Section):
     algorithm: Literal[ALGORITHMS] = "grpo"  # the objective: what a step trains on and its loss
-    run: RunConfig = RunConfig()
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    rollout: RolloutConfig = RolloutConfig()
-    reward: RewardConfig = RewardConfig()
-    curriculum: CurriculumConfig = CurriculumConfig()
-    grpo: GRPOConfig = GRPOConfig()
-    dpo: DPOConfig = DPOConfig()
-    apo: APOConfig = APOConfig()
-    aligndistil: AlignDistilConfig = AlignDistilConfig()
-    prime: PrimeConfig = PrimeConfig()
-    prm: PRMConfig = PRMConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
+    run: RunConfig = RunConfig()             # where a run writes, and its seed
+    model: ModelConfig = ModelConfig()       # the policy model
+    data: DataConfig = DataConfig()          # training and held-out prompts (or fixed responses)
+    rollout: RolloutConfig = RolloutConfig()  # how responses are sampled
+    reward: RewardConfig = RewardConfig()    # outcome reward: the math verifier, or reward functions/models
+    curriculum: CurriculumConfig = CurriculumConfig()  # which prompts each step samples
+    grpo: GRPOConfig = GRPOConfig()          # GRPO loss (algorithm=grpo)
+    dpo: DPOConfig = DPOConfig()             # DPO loss (algorithm=dpo)
+    apo: APOConfig = APOConfig()             # APO (algorithm=apo)
+    aligndistil: AlignDistilConfig = AlignDistilConfig()  # AlignDistil (algorithm=aligndistil)
+    prime: PrimeConfig = PrimeConfig()       # PRIME: GRPO plus dense PRM rewards (prime.coef > 0)
+    prm: PRMConfig = PRMConfig()             # implicit PRM loss (algorithm=implicit_prm, and PRIME's PRM)
+    train: TrainConfig = TrainConfig()       # optimizer and backward pass of the policy
+    eval: EvalConfig = EvalConfig()          # held-out evaluation
+    checkpoint: CheckpointConfig = CheckpointConfig()  # checkpoint saving
 
     def vllm_options(self) -> dict:
         """make_engine's vLLM settings from the rollout section."""
@@ -242,6 +292,9 @@ class Config(Section):
         if self.eval.kind != "none" and (self.rollout.scheduler == "dataset") != (self.eval.kind == "pairwise"):
             raise ValueError("eval.kind=pairwise goes with rollout.scheduler=dataset (held-out pairs) and "
                              "eval.kind=accuracy with generated rollouts (held-out prompts)")
+        if self.reward.user_scorers and self.rollout.scheduler == "dataset":
+            raise ValueError("reward.functions score generated rollouts (rollout.scheduler sync or april); "
+                             "a file's responses arrive labelled")
         if self.curriculum.sampler == "cures" and self.rollout.group_size < self.curriculum.k_min:
             raise ValueError("rollout.group_size (the mean rollouts per prompt) must be >= curriculum.k_min")
         return self
@@ -254,10 +307,13 @@ def _format_error(err: ValidationError) -> str:
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif first["type"] == "value_error":  # our own validators: their message names the key already
+        msg = msg.removeprefix("Value error, ")
+        key = "" if msg.split(":")[0].split()[0].count(".") or key == "config" else key
     elif "input" in first and not isinstance(first["input"], dict):
         msg += f" (got {first['input']!r})"
     more = len(err.errors()) - 1
-    return f"{key}: {msg}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+    return (f"{key}: {msg}" if key else msg) + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -311,9 +367,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             value = raw
         _set_dotted(tree, key.strip(), value)
     try:
-        return Config.model_validate(tree)
+        config = Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(f"config error: {_format_error(e)}") from None
+    for f in config.reward.functions or []:  # a relative file path is relative to the config's folder
+        where, _, name = f.fn.rpartition(":")
+        if where.endswith(".py") and not Path(where).expanduser().is_absolute():
+            base = path.parent if path is not None else Path.cwd()
+            f.fn = f"{(base / where).resolve()}:{name}"
+    return config
 
 
 def dump_config(config: Config, path: Path) -> None:
