@@ -133,6 +133,10 @@ class MathReward:
     def correctness(self, responses: list[str], answers: list[str]) -> list[bool]:
         return [self.check(r, a)[0] for r, a in zip(responses, answers)]
 
+    def verdicts(self, problems: list, samples: list) -> list[bool]:
+        """The held-out eval's question: is samples[i] a right answer to problems[i] (`.answer`)?"""
+        return self.correctness([s.text for s in samples], [p.answer for p in problems])
+
     def pop_counters(self) -> dict[str, int]:
         out = dict(self.counters)
         for key in self.counters:
@@ -149,3 +153,23 @@ class MathReward:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+_SHARED: MathReward | None = None
+_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
+
+
+def accuracy(completions: list, answer: list, **kwargs) -> list[float]:
+    """The built-in verifier as a reward function in TRL's convention (`reward.functions: [{fn:
+    rewards.math:accuracy}]`): 1.0 when math-verify finds the reference `answer` column's value as the
+    completion's final answer (a GSM8K answer is what follows '####'), else 0.0. Every check runs in
+    the verifier's own killable worker with a 5 s limit, so the function isolates itself."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = MathReward()
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    golds = [m.group(1).replace(",", "") if (m := _GSM8K_ANSWER.search(str(a))) else str(a) for a in answer]
+    return [float(_SHARED.check(t, g)[0]) for t, g in zip(texts, golds)]
+
+
+accuracy.isolates_itself = True  # rewards.functions runs it in-process: its checks already run in a worker

@@ -126,12 +126,53 @@ def make_objective(cfg: Config, device: torch.device, pad_id: int, policy_weight
     return cls(cfg, frozen, pad_id, policy_weights)
 
 
+def make_verifier(cfg: Config, data: RunData):
+    """What decides `correct`: the math verifier, or the user's reward functions and reward models
+    (which then are the whole outcome reward). The functions are imported and checked first, before
+    any model loads; the reward models load frozen on the learner's device."""
+    r = cfg.reward
+    if not r.user_scorers:
+        from rewards.math import MathReward
+        return MathReward(timeout_s=r.timeout_s, format_weight=r.format_weight)
+    from functools import partial
+
+    from rlpost.data import prompt_messages
+    from rlpost.learner import device
+    from rewards.functions import FunctionRewards, RewardFunction, check_signature
+    from rewards.reward_model import ModelReward
+    problems, names = data.train_prompts.problems, iter(r.scorer_names())
+    columns = sorted({k for p in problems + data.test_prompts.problems for k in p.columns})
+    scorers = []
+    for f in r.functions or []:
+        scorers.append(RewardFunction(next(names), f.fn, f.weight, f.isolate))
+        check_signature(scorers[-1].fn, f.fn, columns)
+    for m in r.models or []:
+        scorers.append(ModelReward(next(names), _model_path(m.model), m.weight, m.batch_size, device()))
+    return FunctionRewards(scorers, problems, partial(prompt_messages, cfg=cfg.data),
+                           correct_from=r.correct_from or scorers[0].name, threshold=r.correct_threshold,
+                           on_error=r.on_error, timeout_s=r.timeout_s, max_new_tokens=cfg.rollout.max_new_tokens,
+                           overlong=r.overlong_penalty, overlong_cache=r.overlong_cache)
+
+
+def _model_path(spec: str) -> str:
+    """A model spec, or an rlpost checkpoint (run dir, step dir, `latest`): its `hf/` folder."""
+    from pathlib import Path
+
+    from rlpost.checkpoint import STATE_FILE, resolve_checkpoint
+    path = Path(spec).expanduser()
+    if (path / STATE_FILE).is_file() or (path / "checkpoints" / "latest").is_symlink():
+        return str(resolve_checkpoint(path) / "hf")
+    return spec
+
+
 def make_rewards(cfg: Config, verifier, device: torch.device, pad_id: int):
-    """The rewards step: the verifier's outcome reward, plus, with prime.coef > 0, PRIME's dense token
-    rewards from an implicit PRM trained online (a second Learner)."""
+    """The rewards step: the verifier's outcome reward (or the reward functions, see make_verifier),
+    plus, with prime.coef > 0, PRIME's dense token rewards from an implicit PRM trained online (a
+    second Learner)."""
     from rewards.outcome import OutcomeReward
-    outcome = OutcomeReward(verifier, max_new_tokens=cfg.rollout.max_new_tokens,
-                            overlong_penalty=cfg.reward.overlong_penalty, overlong_cache=cfg.reward.overlong_cache)
+    outcome = verifier if cfg.reward.user_scorers else OutcomeReward(
+        verifier, max_new_tokens=cfg.rollout.max_new_tokens, overlong_penalty=cfg.reward.overlong_penalty,
+        overlong_cache=cfg.reward.overlong_cache)
     if cfg.prime.coef == 0:
         return outcome
     from rlpost.learner import Learner

@@ -83,10 +83,9 @@ def _print_summary(summary: dict) -> None:
 def _cmd_eval(args) -> int:
     from pathlib import Path
 
-    from rlpost.build import load_data, make_evaluator
+    from rlpost.build import load_data, make_evaluator, make_verifier
     from rlpost.checkpoint import resolve_checkpoint
     from rlpost.config import load_config
-    from rewards.math import MathReward
     from rollout.engine import make_engine
     from rollout.models import SPECS, load_model, load_tokenizer
 
@@ -100,14 +99,15 @@ def _cmd_eval(args) -> int:
     model_path = str(resolve_checkpoint(path) / "hf") if path.exists() and not is_hf_folder else args.checkpoint
     tokenizer = load_tokenizer(model_path)
     data = load_data(cfg, tokenizer)
+    verifier = make_verifier(cfg, data) if cfg.eval.kind == "accuracy" else None
     # the checkpoint generates (accuracy) or is ranked against the config's reference model (pairwise)
     pairwise = cfg.eval.kind == "pairwise"
     engine = None if pairwise else make_engine(cfg.rollout.engine, model_path, tokenizer,
                                                max_batch_size=cfg.rollout.max_batch_size, **cfg.vllm_options())
     policy = load_model(model_path).eval() if pairwise else None
-    verifier = MathReward(timeout_s=cfg.reward.timeout_s)
     result = make_evaluator(cfg, engine, data, verifier, policy, "cpu", tokenizer.pad_token_id)()
-    verifier.close()
+    if verifier is not None:
+        verifier.close()
     print(json.dumps({"checkpoint": model_path, **result}, indent=2))
     return 0
 

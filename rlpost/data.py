@@ -23,7 +23,8 @@ class DataError(UserError):
 @dataclass
 class Problem:
     question: str
-    answer: str
+    answer: str    # the reference answer the math verifier checks
+    columns: dict = field(default_factory=dict)  # the row's other columns, as reward functions get them (TRL)
 
 
 @dataclass
@@ -78,7 +79,7 @@ def _arithmetic_problem(rng: random.Random, cfg: ArithmeticConfig) -> Problem:
         question = " ".join(sentences) + f" How many {thing} does {name} have now?"
     else:
         question = f"What is {expr.replace('(', '').replace(')', '') if cfg.num_operations == 1 else expr}?"
-    return Problem(question=question, answer=str(value))
+    return Problem(question=question, answer=str(value), columns={"answer": str(value)})
 
 
 def arithmetic_splits(cfg: ArithmeticConfig, seed: int) -> tuple[list[Problem], list[Problem]]:
@@ -164,7 +165,8 @@ def load_problems(source: str, split: str, cfg: DataConfig) -> tuple[list[Proble
         if not isinstance(question, str) or not question.strip() or answer is None:
             skipped += 1
             continue
-        problems.append(Problem(question=question.strip(), answer=answer))
+        columns = {k: v for k, v in row.items() if k != cfg.question_field}
+        problems.append(Problem(question=question.strip(), answer=answer, columns=columns))
     if not problems:
         raise DataError(f"{source!r} has no usable rows (fields {cfg.question_field!r}/{cfg.answer_field!r}, "
                         f"answer format {cfg.answer_format!r}; {skipped} rows skipped)")
@@ -173,10 +175,16 @@ def load_problems(source: str, split: str, cfg: DataConfig) -> tuple[list[Proble
 
 # ---------------------------------------------------------------------------------------------
 
-def render_prompt(tokenizer, question: str, cfg: DataConfig) -> list[int]:
+def prompt_messages(question: str, cfg: DataConfig) -> list[dict]:
+    """The chat messages a prompt is rendered from (what reward functions get as `prompts`)."""
     messages = [{"role": "user", "content": cfg.prompt_template.format(question=question)}]
     if cfg.system_prompt is not None:
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return messages
+
+
+def render_prompt(tokenizer, question: str, cfg: DataConfig) -> list[int]:
+    messages = prompt_messages(question, cfg)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False).input_ids
 

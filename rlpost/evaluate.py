@@ -31,15 +31,15 @@ def evaluate(engine, prompts: PromptSet, reward_fn, *, max_new_tokens: int, num_
         if c % world_size != rank:
             continue
         end = min(start + chunk_size, n)
-        ids, answers = prompts.prompt_ids[start:end], [p.answer for p in prompts.problems[start:end]]
+        ids, problems = prompts.prompt_ids[start:end], prompts.problems[start:end]
         greedy = engine.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-        correct = reward_fn.correctness([s.text for s in greedy], answers)
+        correct = reward_fn.verdicts(problems, greedy)
         hits: list[list[bool]] = [[] for _ in ids]
         if pass_k > 1:
             sampled = engine.generate([p for p in ids for _ in range(pass_k)],
                                       SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                                      top_p=top_p, seed=seed + c))
-            right = reward_fn.correctness([s.text for s in sampled], [a for a in answers for _ in range(pass_k)])
+            right = reward_fn.verdicts([p for p in problems for _ in range(pass_k)], sampled)
             hits = [right[i * pass_k:(i + 1) * pass_k] for i in range(len(ids))]
         mine += [(start + i, correct[i], len(greedy[i].response_ids), greedy[i].truncated, hits[i]) for i in range(len(ids))]
     rows = sorted(r for part in gather(mine) for r in part)

@@ -24,12 +24,13 @@ import torch
 
 from rlpost import checkpoint as ckpt
 from rlpost.batch import pack
-from rlpost.build import load_data, make_evaluator, make_objective, make_rewards, make_rollout_engine, make_source
+from rlpost.build import (load_data, make_evaluator, make_objective, make_rewards, make_rollout_engine, make_source,
+                          make_verifier)
 from rlpost.config import Config, dump_config
 from rlpost.learner import Learner
 from rlpost.metrics import MetricsLogger, Stats, gather, over_ranks, progress_bar, resolve
 from rlpost.rundir import RunError, run_lock
-from rewards.math import MathReward
+from rewards.functions import RewardError
 from rollout.models import load_tokenizer
 from rollout.types import Group, UserError, tail_wait_s, world
 
@@ -82,7 +83,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             latest = run_dir / "checkpoints" / "latest"
             where = f"resume with --resume {latest}" if latest.is_symlink() else "no checkpoint was written yet"
             first = str(e).splitlines()[0] if str(e) else ""
-            message = first if isinstance(e, (RunError, ckpt.CheckpointWriteError)) else f"{type(e).__name__}: {first}"
+            message = first if isinstance(e, (RunError, ckpt.CheckpointWriteError, RewardError)) else f"{type(e).__name__}: {first}"
             raise RunError(f"{message} ({where}; traceback in {log})") from e
 
 
@@ -96,10 +97,10 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
     # The components. Nothing below this block knows which method, scheduler or sampler runs.
     tokenizer = load_tokenizer(cfg.model.name)
     data = load_data(cfg, tokenizer)  # prompts to generate from, or fixed responses
+    verifier = make_verifier(cfg, data)  # the math verifier or the user's reward functions (checked here)
     learner = Learner(cfg.model.name, cfg.train)
     engine = make_rollout_engine(cfg, tokenizer, learner.engine.device)
     objective = make_objective(cfg, learner.engine.device, tokenizer.pad_token_id, learner.named_weights)
-    verifier = MathReward(timeout_s=cfg.reward.timeout_s, format_weight=cfg.reward.format_weight)
     rewards = make_rewards(cfg, verifier, learner.engine.device, tokenizer.pad_token_id)
 
     def grad_norms(samples):  # CurES's grad_norm allocation asks for them: an extra forward
@@ -143,9 +144,12 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
     run_start, last_checkpoint, bad_steps = time.time(), None, 0
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.time()
-        groups, rollout_stats = source.next_groups(learner.version)
-        rollout_s = time.time() - t0
-        rewards(groups)
+        try:
+            groups, rollout_stats = source.next_groups(learner.version)  # (APRIL and CurES score early)
+            rollout_s = time.time() - t0
+            rewards(groups)
+        except RewardError as e:  # a reward function failed under reward.on_error=raise
+            raise RewardError(f"step {step}: {e}") from e
         sampler_stats = source.observe(groups)
 
         train_groups = [g for g in groups if objective.keep(g)]

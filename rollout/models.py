@@ -177,3 +177,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, partitioned: bool 
 
     with contextlib.nullcontext() if partitioned else _whole():
         return _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
+
+
+def load_classifier(spec: str, dtype: torch.dtype = torch.float32):
+    """A sequence-classification model (a reward model) of `spec`, whole, with its own tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    with _whole():
+        model = _from_pretrained(AutoModelForSequenceClassification, spec, dtype=dtype)
+    return model, load_tokenizer(spec)
