@@ -76,6 +76,15 @@ def response_hidden(model: torch.nn.Module, batch: Packed, decoder: Decoder = hf
     return hidden[:, P - 1:P - 1 + T]
 
 
+def sequence_scores(model: torch.nn.Module, batch: Packed, decoder: Decoder = hf_decoder) -> torch.Tensor:
+    """A reward model's score of each row, [N]: its score head on the final hidden state of the row's
+    last token that is not padding (the rightmost, as transformers' sequence classifiers pool)."""
+    hidden = decoder(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+    real = (batch.input_ids != model.config.pad_token_id).int()
+    last = (torch.arange(real.shape[1], device=real.device, dtype=torch.int32) * real).argmax(-1)
+    return model.score(hidden[torch.arange(len(last), device=hidden.device), last]).squeeze(-1)
+
+
 # The head hook: what a loss computes from the output head, one chunk of positions at a time.
 # (logits [N, c, V] in >= fp32, target token ids [N, c], the chunk's response columns) -> named
 # per-position tensors [N, c]. A loss over the whole vocabulary (a KL to a teacher's distribution, say)

@@ -118,6 +118,11 @@ def make_source(cfg: Config, engine, data: RunData, tokenizer, reward, keep, gra
     return RoundSource(source, rounds(cfg)) if rounds and rounds(cfg) > 1 else source
 
 
+def model_head(cfg: Config) -> str:
+    """What the learner trains: "lm" (a causal LM, every method but one) or "score" (a reward model)."""
+    return getattr(objective_class(cfg), "model_head", "lm")
+
+
 def make_objective(cfg: Config, device: torch.device, pad_id: int, policy_weights: Callable | None = None):
     """The objective of `algorithm:`, with the frozen models it asks for loaded once, in eval mode.
     `policy_weights()` gives the learner's current weights (APO snapshots them at round starts)."""
@@ -195,6 +200,8 @@ def make_evaluator(cfg: Config, engine, data: RunData, verifier, policy: torch.n
         if not data.responses.held_out:
             raise ConfigError("eval.kind=pairwise needs held-out pairs: set data.held_out or data.test_source")
         reference = getattr(getattr(cfg, cfg.algorithm, None), "reference", None) or cfg.model.name
+        if model_head(cfg) == "score":  # a reward model ranks pairs by its own score: no reference
+            reference = None
         return PairwiseEval(policy, reference, data.responses.held_out[:cfg.eval.num_prompts], pad_id,
                             cfg.train.micro_batch_size, device)
     return lambda: run_eval(engine, data.test_prompts, verifier, cfg)

@@ -83,11 +83,11 @@ def _print_summary(summary: dict) -> None:
 def _cmd_eval(args) -> int:
     from pathlib import Path
 
-    from rlpost.build import load_data, make_evaluator, make_verifier
+    from rlpost.build import load_data, make_evaluator, make_verifier, model_head
     from rlpost.checkpoint import resolve_checkpoint
     from rlpost.config import load_config
     from rollout.engine import make_engine
-    from rollout.models import SPECS, load_model, load_tokenizer
+    from rollout.models import SPECS, load_classifier, load_model, load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     path = Path(args.checkpoint)
@@ -104,7 +104,8 @@ def _cmd_eval(args) -> int:
     pairwise = cfg.eval.kind == "pairwise"
     engine = None if pairwise else make_engine(cfg.rollout.engine, model_path, tokenizer,
                                                max_batch_size=cfg.rollout.max_batch_size, **cfg.vllm_options())
-    policy = load_model(model_path).eval() if pairwise else None
+    load = (lambda p: load_classifier(p)[0]) if model_head(cfg) == "score" else load_model  # a reward model
+    policy = load(model_path).eval() if pairwise else None
     result = make_evaluator(cfg, engine, data, verifier, policy, "cpu", tokenizer.pad_token_id)()
     if verifier is not None:
         verifier.close()

@@ -218,6 +218,11 @@ class AlignDistilConfig(Section):
     states: Literal["on_policy", "off_policy"] = "on_policy"  # own samples, or the preferred responses of a file
 
 
+class RewardModelTrainConfig(Section):
+    """Reward-model training (algorithm=reward_model): Bradley-Terry on preference pairs, as TRL's RewardTrainer."""
+    center_rewards_coefficient: float | None = Field(None, ge=0)  # TRL's: + c * mean((r_chosen + r_rejected)^2); null: off
+
+
 class TrainConfig(Section):
     max_steps: int = Field(20, ge=0)         # training steps: one rollout batch and at most one optimizer step each
     lr: float = Field(1e-6, gt=0)            # AdamW learning rate (after warm-up)
@@ -257,7 +262,7 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1)          # step checkpoints kept; older ones are deleted
 
 
-ALGORITHMS = ("grpo", "dpo", "apo", "aligndistil", "implicit_prm")  # rlpost/objectives/__init__.py registers one objective per name
+ALGORITHMS = ("grpo", "dpo", "apo", "aligndistil", "implicit_prm", "reward_model")  # rlpost/objectives/__init__.py registers one objective per name
 
 
 class Config(Section):
@@ -274,6 +279,7 @@ class Config(Section):
     aligndistil: AlignDistilConfig = AlignDistilConfig()  # AlignDistil (algorithm=aligndistil)
     prime: PrimeConfig = PrimeConfig()       # PRIME: GRPO plus dense PRM rewards (prime.coef > 0)
     prm: PRMConfig = PRMConfig()             # implicit PRM loss (algorithm=implicit_prm, and PRIME's PRM)
+    reward_model: RewardModelTrainConfig = RewardModelTrainConfig()  # reward-model training (algorithm=reward_model)
     train: TrainConfig = TrainConfig()       # optimizer and backward pass of the policy
     eval: EvalConfig = EvalConfig()          # held-out evaluation
     checkpoint: CheckpointConfig = CheckpointConfig()  # checkpoint saving
@@ -292,6 +298,9 @@ class Config(Section):
         if self.eval.kind != "none" and (self.rollout.scheduler == "dataset") != (self.eval.kind == "pairwise"):
             raise ValueError("eval.kind=pairwise goes with rollout.scheduler=dataset (held-out pairs) and "
                              "eval.kind=accuracy with generated rollouts (held-out prompts)")
+        if self.algorithm == "reward_model" and self.rollout.scheduler != "dataset":
+            raise ValueError("algorithm=reward_model trains on preference pairs from a file: set rollout.scheduler=dataset "
+                             "and data.source")
         if self.reward.user_scorers and self.rollout.scheduler == "dataset":
             raise ValueError("reward.functions score generated rollouts (rollout.scheduler sync or april); "
                              "a file's responses arrive labelled")

@@ -280,7 +280,8 @@ def _response_group(row: dict, index: int, cfg: DataConfig, tokenizer) -> tuple[
         chosen.correct, chosen.reward, rejected.correct, rejected.reward = True, 1.0, False, 0.0
         samples = [chosen, rejected]
     answer = row.get(cfg.answer_field)
-    return Group(index, rendered[0]["prompt"], "" if answer is None else str(answer), samples), cut
+    columns = {"margin": float(row["margin"])} if isinstance(row.get("margin"), (int, float)) else {}
+    return Group(index, rendered[0]["prompt"], "" if answer is None else str(answer), samples, columns), cut
 
 
 def load_response_groups(cfg: DataConfig, tokenizer, seed: int = 0) -> ResponseSet:

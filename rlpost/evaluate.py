@@ -2,14 +2,15 @@
 
 `run_eval` is the one evaluation path for generated answers: the trainer (before, during, after
 training) and `rlpost eval` both call it with the run's config. `PairwiseEval` ranks held-out
-preference pairs by the implicit reward (offline DPO / APO on preference files). Both split their
+preference pairs by the implicit reward (offline DPO / APO on preference files), or by a reward
+model's score (algorithm=reward_model, `reference_spec=None`). Both split their
 work over the ranks of a multi-rank job and gather the results: the numbers do not depend on it.
 """
 from __future__ import annotations
 
 import torch
 
-from rlpost.batch import Packed, pack, pair_rows, token_logprobs
+from rlpost.batch import Packed, pack, pair_rows, sequence_scores, token_logprobs
 from rlpost.config import Config
 from rlpost.data import PromptSet
 from rlpost.metrics import gather, over_ranks
@@ -71,17 +72,21 @@ class PairwiseEval:
     counts as right only when chosen scores strictly above rejected (a tie is wrong, and reported;
     before any training every pair is a tie). The sign does not depend on beta, so none is needed.
     Beside it, the share of pairs that "the shorter response wins" gets: a property of the data,
-    the bar a length bias alone would reach. The reference's log-probs are computed once, here."""
+    the bar a length bias alone would reach. The reference's log-probs are computed once, here.
+    With `reference_spec=None` the policy is a reward model and a pair's margin is r(chosen) - r(rejected)."""
 
-    def __init__(self, policy: torch.nn.Module, reference_spec: str, groups: list[Group], pad_id: int,
+    def __init__(self, policy: torch.nn.Module, reference_spec: str | None, groups: list[Group], pad_id: int,
                  micro_batch_size: int, device: torch.device):
         from rollout.models import load_model
 
-        self.policy, self.device = policy, device
+        self.policy, self.device, self.scores = policy, device, reference_spec is None
         k = max(micro_batch_size // 2, 1)
         pairs = [(next(s for s in g.samples if s.correct), next(s for s in g.samples if not s.correct)) for g in groups]
         self.batches = [pack(rows, pad_id) for rows in pair_rows(pairs, k)]
         self.shorter_wins = sum(len(c.response_ids) < len(r.response_ids) for c, r in pairs) / max(len(pairs), 1)
+        if self.scores:
+            self.reference_margins = [0.0] * len(self.batches)
+            return
         reference = load_model(reference_spec).to(device).eval()
         rank, world_size = world()  # each rank needs the reference margins of its own batches only
         self.reference_margins = [self._margins(reference, b) if i % world_size == rank else None
@@ -89,10 +94,13 @@ class PairwiseEval:
         del reference
 
     def _margins(self, model: torch.nn.Module, batch: Packed) -> torch.Tensor:
-        """log pi(chosen) - log pi(rejected) per pair."""
+        """log pi(chosen) - log pi(rejected) per pair (a reward model: r(chosen) - r(rejected))."""
         with torch.no_grad():
-            logp, _ = token_logprobs(model, batch.to(self.device), 1.0)
-            seq = (logp.double() * batch.response_mask.to(logp.device).double()).sum(-1).cpu()
+            if self.scores:
+                seq = sequence_scores(model, batch.to(self.device)).double().cpu()
+            else:
+                logp, _ = token_logprobs(model, batch.to(self.device), 1.0)
+                seq = (logp.double() * batch.response_mask.to(logp.device).double()).sum(-1).cpu()
         k = len(seq) // 2
         return seq[:k] - seq[k:]
 

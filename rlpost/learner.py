@@ -21,10 +21,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from rlpost.batch import Decoder, HeadFn, Packed, head_gradient_norms, head_outputs, hf_decoder
+from rlpost.batch import Decoder, HeadFn, Packed, head_gradient_norms, head_outputs, hf_decoder, sequence_scores
 from rlpost.config import ConfigError, TrainConfig
 from rlpost.metrics import Stats, accumulate
-from rollout.models import load_model
+from rollout.models import load_classifier, load_model
 from rollout.types import world
 from rlpost.streambp import check_supported, streamed_decoder
 
@@ -83,8 +83,18 @@ class HeadPolicy(torch.nn.Module):
         return head_outputs(self.lm, batch, head, self.logits_chunk_size, self.decoder)
 
 
+class ScorePolicy(HeadPolicy):
+    """A reward model's forward: one score per row ({"reward": [N]}), no output-head hook."""
+
+    def forward(self, batch: Packed, head=None) -> dict[str, torch.Tensor]:
+        return {"reward": sequence_scores(self.lm, batch, self.decoder)}
+
+
 class Learner:
-    def __init__(self, model_spec: str, train: TrainConfig):
+    """`head="lm"`: a causal LM trained through head hooks; `head="score"`: a reward model (a sequence
+    classifier with one label, from a causal LM or an earlier reward model), one score per row."""
+
+    def __init__(self, model_spec: str, train: TrainConfig, head: str = "lm"):
         import deepspeed
 
         init_distributed()
@@ -95,7 +105,10 @@ class Learner:
             # Must exist before from_pretrained so the weights are partitioned while loading.
             from transformers.integrations import HfDeepSpeedConfig
             hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - kept alive by reference below
-        model = load_model(model_spec, partitioned=True).to(device())
+        if head == "score":
+            model = load_classifier(model_spec, num_labels=1, partitioned=True)[0].to(device())
+        else:
+            model = load_model(model_spec, partitioned=True).to(device())
         decoder = hf_decoder
         if train.backward == "checkpointing":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -111,7 +124,8 @@ class Learner:
         warmup = train.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=HeadPolicy(model, decoder, train.logits_chunk_size), optimizer=optimizer, lr_scheduler=scheduler,
+            model=(ScorePolicy if head == "score" else HeadPolicy)(model, decoder, train.logits_chunk_size),
+            optimizer=optimizer, lr_scheduler=scheduler,
             config=ds_config)
         self._hf_ds_config = hf_ds_config
         self.model = self.engine.module.lm  # the HF model: HF parameter names, save_pretrained

@@ -25,7 +25,7 @@ import torch
 from rlpost import checkpoint as ckpt
 from rlpost.batch import pack
 from rlpost.build import (load_data, make_evaluator, make_objective, make_rewards, make_rollout_engine, make_source,
-                          make_verifier)
+                          make_verifier, model_head)
 from rlpost.config import Config, dump_config
 from rlpost.learner import Learner
 from rlpost.metrics import MetricsLogger, Stats, gather, over_ranks, progress_bar, resolve
@@ -98,7 +98,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
     tokenizer = load_tokenizer(cfg.model.name)
     data = load_data(cfg, tokenizer)  # prompts to generate from, or fixed responses
     verifier = make_verifier(cfg, data)  # the math verifier or the user's reward functions (checked here)
-    learner = Learner(cfg.model.name, cfg.train)
+    learner = Learner(cfg.model.name, cfg.train, model_head(cfg))  # a causal LM, or a reward model
     engine = make_rollout_engine(cfg, tokenizer, learner.engine.device)
     objective = make_objective(cfg, learner.engine.device, tokenizer.pad_token_id, learner.named_weights)
     rewards = make_rewards(cfg, verifier, learner.engine.device, tokenizer.pad_token_id)

@@ -179,10 +179,17 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, partitioned: bool 
         return _from_pretrained(AutoModelForCausalLM, spec, dtype=dtype)
 
 
-def load_classifier(spec: str, dtype: torch.dtype = torch.float32):
-    """A sequence-classification model (a reward model) of `spec`, whole, with its own tokenizer."""
+def load_classifier(spec: str, dtype: torch.dtype = torch.float32, num_labels: int | None = None,
+                    partitioned: bool = False):
+    """A sequence-classification model (a reward model) of `spec` and its tokenizer. `num_labels=1`
+    turns a causal LM into a fresh reward model (a new score head on its decoder); `partitioned=True`
+    (a ZeRO-3 learner's own model) lets transformers partition it while loading. The model's pad token
+    is the tokenizer's, so it scores the last token that is not padding, as transformers pools."""
     from transformers import AutoModelForSequenceClassification
 
-    with _whole():
-        model = _from_pretrained(AutoModelForSequenceClassification, spec, dtype=dtype)
-    return model, load_tokenizer(spec)
+    tokenizer = load_tokenizer(spec)
+    extra = {} if num_labels is None else {"num_labels": num_labels}
+    with contextlib.nullcontext() if partitioned else _whole():
+        model = _from_pretrained(AutoModelForSequenceClassification, spec, dtype=dtype, **extra)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -59,6 +59,7 @@ class Group:
     prompt: str
     answer: str
     samples: list[Sample]
+    columns: dict = field(default_factory=dict)  # a fixed-response row's extra columns (TRL's `margin`)
 
 
 def tail_wait_s(samples: list[Sample], start: float, share: float = 0.5) -> float:

@@ -30,6 +30,7 @@ from rlpost.objectives.apo import APO
 from rlpost.objectives.dpo import DPO
 from rlpost.objectives.grpo import GRPO
 from rlpost.objectives.implicit_prm import ImplicitPRM
+from rlpost.objectives.reward_model import RewardModel
 from rollout.types import Group
 
 
@@ -61,6 +62,7 @@ OBJECTIVES: dict[str, type] = {
     "apo": APO,
     "aligndistil": AlignDistil,
     "implicit_prm": ImplicitPRM,
+    "reward_model": RewardModel,
 }
 
 
