@@ -5,9 +5,10 @@
 Both start from the config's model with a fresh one-label head (the same seed, so the same initial
 head), train on the same token ids (rlpost's encoding of the config's preference file: TRL gets them
 as pre-tokenised `chosen_ids` / `rejected_ids`), the same number of steps of the same number of pairs,
-AdamW at the same constant learning rate with clipping at 1.0. What differs is each trainer's own: the
-order of the pairs (each shuffles with its seed), AdamW's beta2 (rlpost 0.99, TRL 0.999), and the
-machinery around the step. Both final models are scored by the same code (plain transformers, one
+AdamW at the same constant learning rate with clipping at 1.0, in float32 and with the config's
+`train.backward` (TRL's own defaults, bf16 autocast and gradient checkpointing, with --trl-defaults).
+What differs is each trainer's own: the order of the pairs (each shuffles with its seed), AdamW's
+beta2 (rlpost 0.99, TRL 0.999), and the machinery around the step. Both final models are scored by the same code (plain transformers, one
 pair at a time) on the config's held-out pairs. Each trainer runs in its own process, one after the
 other; the table gives held-out accuracy, seconds per step and the process's peak RSS.
 """
@@ -54,7 +55,7 @@ def held_out_accuracy(model_dir: str, config: str, overrides: list[str]) -> dict
     return {"accuracy": right / n, "ties": ties / n, "pairs": n}
 
 
-def run_trl(config: str, overrides: list[str], steps: int, out: Path) -> dict:
+def run_trl(config: str, overrides: list[str], steps: int, out: Path, trl_defaults: bool = False) -> dict:
     import datasets
     import torch
     from trl import RewardConfig, RewardTrainer
@@ -68,7 +69,9 @@ def run_trl(config: str, overrides: list[str], steps: int, out: Path) -> dict:
                         learning_rate=cfg.train.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                         max_grad_norm=cfg.train.max_grad_norm, logging_steps=10, save_strategy="no", report_to=[],
                         use_cpu=True, seed=cfg.run.seed, max_length=None, center_rewards_coefficient=None,
-                        dataloader_num_workers=0, disable_tqdm=True)
+                        dataloader_num_workers=0, disable_tqdm=True,
+                        **({} if trl_defaults else {"bf16": False,
+                                                   "gradient_checkpointing": cfg.train.backward == "checkpointing"}))
     trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                             processing_class=tokenizer)
     result = trainer.train()
@@ -77,7 +80,7 @@ def run_trl(config: str, overrides: list[str], steps: int, out: Path) -> dict:
     return {"s_per_step": result.metrics["train_runtime"] / steps, "final": str(out / "trl" / "final")}
 
 
-def run_rlpost(config: str, overrides: list[str], steps: int, out: Path) -> dict:
+def run_rlpost(config: str, overrides: list[str], steps: int, out: Path, trl_defaults: bool = False) -> dict:
     from rlpost.metrics import read_metrics
     from rlpost.trainer import train
     from rlpost.config import load_config
@@ -91,7 +94,7 @@ def run_rlpost(config: str, overrides: list[str], steps: int, out: Path) -> dict
 def child(args) -> int:
     """One trainer in this process (called by main with --child NAME)."""
     run = run_trl if args.child == "trl" else run_rlpost
-    result = run(args.config, args.overrides, args.steps, Path(args.out))
+    result = run(args.config, args.overrides, args.steps, Path(args.out), args.trl_defaults)
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     result.update(held_out_accuracy(result["final"], args.config, args.overrides))
     (Path(args.out) / f"{args.child}.json").write_text(json.dumps(result, indent=2))
@@ -104,6 +107,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", default="runs/bench_rm")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--trl-defaults", action="store_true", help="TRL with its own bf16 / checkpointing defaults")
     parser.add_argument("--child", choices=["trl", "rlpost"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -114,7 +118,7 @@ def main() -> int:
     for name in ("rlpost", "trl"):
         start = time.time()
         cmd = [sys.executable, __file__, args.config, "--steps", str(args.steps), "--out", str(out), "--child", name,
-               *[x for o in args.overrides for x in ("--set", o)]]
+               *[x for o in args.overrides for x in ("--set", o)], *(["--trl-defaults"] if args.trl_defaults else [])]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
