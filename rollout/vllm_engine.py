@@ -21,9 +21,13 @@ from rollout.types import FinishReason, Sample, SamplingParams
 
 
 def available() -> bool:
+    """Whether vllm is installed. Only a missing package counts as "not available": a broken install
+    (e.g. a torchvision built for another torch) raises here, loudly, rather than being taken for absent."""
     try:
         import vllm  # noqa: F401
-    except Exception:  # ImportError, or a broken install (e.g. mismatched torchvision)
+    except ModuleNotFoundError as e:
+        if e.name != "vllm":  # vllm is there but something it imports is missing: broken, not absent
+            raise
         return False
     return True
 

@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,23 @@ def shared_data_dir() -> Path | None:
         if c and Path(c).is_dir():
             return Path(c)
     return None
+
+
+def skip_unless_required(reason: str):
+    """Skip, or fail where the environment must be complete: CI (.ci/run) sets RLPOST_REQUIRE_ALL=1,
+    so a missing piece of what it installs (the DeepSpeed launcher, vLLM) fails the run instead of
+    silently skipping the tests that need it."""
+    if os.environ.get("RLPOST_REQUIRE_ALL") == "1":
+        pytest.fail(f"{reason} (RLPOST_REQUIRE_ALL=1: required)")
+    pytest.skip(reason)
+
+
+def deepspeed_launcher() -> Path:
+    """The `deepspeed` launcher of the environment running the tests (beside its python)."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.is_file():
+        skip_unless_required(f"deepspeed launcher not found beside {sys.executable}")
+    return launcher
 
 
 @pytest.fixture

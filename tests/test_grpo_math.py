@@ -5,7 +5,9 @@ import torch
 from rlpost.algorithms import grpo
 
 
-def approx(values, tol=1e-4):
+def approx(values, tol=1e-6):
+    """The spec's values have <= 6 decimals (rounding <= 5e-7); float32 adds ~1e-7. (1e-4 would let
+    an eps-inside-the-sqrt variant pass: sqrt(1/3 + 1e-4) gives 0.865896 for 0.865875.)"""
     return pytest.approx(values, abs=tol)
 
 
@@ -25,7 +27,9 @@ def test_advantage_scales_and_ragged_groups():
     none = grpo.group_advantages(rewards, [4, 3], "none")
     assert none.tolist() == approx([0.5, -0.5, -0.5, 0.5, 2 / 3, -1 / 3, -1 / 3])
     batch = grpo.group_advantages(rewards, [4, 3], "batch")
-    assert batch.tolist() == approx((none / (rewards.std() + 1e-4)).tolist())
+    # one std over all 7 rewards: mean 3/7, unbiased variance (12/7) / 6 = 2/7, std 0.534522;
+    # per-group centred rewards / (0.534522 + 1e-4), by hand
+    assert batch.tolist() == approx([0.935239, -0.935239, -0.935239, 0.935239, 1.246986, -0.623493, -0.623493])
     with pytest.raises(ValueError, match=">= 2"):
         grpo.group_advantages(torch.tensor([1.0, 0, 1]), [2, 1])
 

@@ -160,7 +160,7 @@ def test_the_evaluation_script_runs_on_a_trained_prm(tmp_path, digit_model):
         show_progress=False)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("\n".join(json.dumps({"prompt": f"What is {a} + 1?", "chosen": str(a + 1), "rejected": str(a + 2)})
-                               for a in range(6)))
+                               for a in range(5)))  # an odd count: a flipped comparison cannot give the same count
     out = tmp_path / "eval"
     base = [sys.executable, "scripts/eval_reward_model.py", "--out", str(out)]
     proc = subprocess.run(base + ["--prm", str(run), "--pairwise", str(pairs), "--process-arithmetic", "20",
@@ -170,14 +170,49 @@ def test_the_evaluation_script_runs_on_a_trained_prm(tmp_path, digit_model):
                           cwd=REPO, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "rm_eval.json").read_text())
+    # pairwise: r(y) = beta sum_t (log pi_prm - log pi_ref)(y_t) over the response and its EOS, computed
+    # here with plain transformers, one unpadded sequence at a time
+    from transformers import AutoModelForCausalLM
+    from rlpost.checkpoint import resolve_checkpoint
+    from rollout.models import load_tokenizer as _tok
+    tok = _tok(digit_model)
+    trained_prm = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(run) / "hf").eval()
+    reference = AutoModelForCausalLM.from_pretrained(digit_model).eval()
+
+    def implicit_reward(prompt, response):
+        p_ids = tok(prompt, add_special_tokens=False).input_ids
+        r_ids = tok(response, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids = torch.tensor([p_ids + r_ids])
+        with torch.no_grad():
+            logp = [torch.log_softmax(m(ids).logits[0, len(p_ids) - 1:-1].double(), -1)[range(len(r_ids)), r_ids].sum()
+                    for m in (trained_prm, reference)]
+        return 0.05 * float(logp[0] - logp[1])
+
+    margins = [implicit_reward(f"What is {a} + 1?", str(a + 1)) - implicit_reward(f"What is {a} + 1?", str(a + 2))
+               for a in range(5)]
+    # padded-batch and unpadded float32 log-probs differ by rounding (~1e-6 per token, x beta): margins
+    # above 1e-6 are decided the same way by both
+    assert min(abs(m) for m in margins) > 1e-6, margins
     p = report["pairwise"]
-    assert p["pairs"] == 6 and p["right"] + (6 - p["right"]) == 6 and "ties" in p
+    assert (p["pairs"], p["right"], p["ties"]) == (5, sum(m > 0 for m in margins), 0)
+    # process suite on arithmetic_chains(20, seed=0); reported on items 10-19, whose first wrong steps
+    # are [0, -1, -1, -1, -1, -1, 3, 2, 3, -1]: 4 erroneous items, 6 correct ones (4 steps each)
     proc_suite = report["process"]
     assert proc_suite["items"] == 20 and proc_suite["reported_on"] == 10
-    for key in ("scorer", "flag_last_step", "untrained_prm"):
-        assert 0 <= proc_suite[key]["f1"] <= 1
-    # q = 0 everywhere: any threshold flags every step or none, so one of the two accuracies is 0
-    assert proc_suite["untrained_prm"]["f1"] == 0.0
+    # flag the last step (3): right on the two items wrong at step 3 and on all 6 correct ones
+    last = proc_suite["flag_last_step"]
+    assert (last["acc_erroneous"], last["acc_correct"]) == (0.5, 1.0) and last["f1"] == pytest.approx(2 / 3)
+    # q = 0 everywhere: thresholds 0 (flags nothing) and +inf (flags step 0) both give F1 0 on the first
+    # half; the first, 0, is kept, and flags nothing on the second: accuracies 0 and 1
+    untrained = proc_suite["untrained_prm"]
+    assert (untrained["threshold"], untrained["acc_erroneous"], untrained["acc_correct"], untrained["f1"]) == (0.0, 0.0, 1.0, 0.0)
+    # the scorer: accuracies count items (quarters and sixths), F1 is their harmonic mean, and the
+    # oracle threshold, tuned on the reported items themselves, is at least as good
+    scored = proc_suite["scorer"]
+    a, b = scored["acc_erroneous"], scored["acc_correct"]
+    assert (4 * a) == round(4 * a) and (6 * b) == pytest.approx(round(6 * b))
+    assert scored["f1"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0)
+    assert scored["oracle"]["f1"] >= scored["f1"]
     table = report["best_of_n"]["accuracy"]
     assert set(table) == {"1", "2"} and (out / "best_of_n.png").is_file()
     for row in table.values():  # best-of-N picks one of the N: never above pass@N, never below 0
@@ -262,7 +297,33 @@ def test_eval_rm_scores_with_a_sequence_classifier(tmp_path):
                           env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "rm_eval.json").read_text())["pairwise"]
-    assert report["pairs"] == 5 and 0 <= report["right"] <= 5 and report["ties"] + report["right"] <= 5
+    # the classifier's own logits, one unpadded conversation at a time (prompt text, response, EOS:
+    # the layout of rlpost's preference reader), straight from transformers
+    rm = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+
+    def logit(a, response):
+        ids = (tokenizer(f"What is {a} + 1?", add_special_tokens=False).input_ids
+               + tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+        with torch.no_grad():
+            return float(rm(torch.tensor([ids])).logits[0, 0])
+
+    margins = [logit(a, str(a + 1)) - logit(a, f"{a + 2}!") for a in range(5)]
+    # batched (left-padded) and unpadded float32 logits differ by rounding, ~1e-6 for logits of size ~1:
+    # a margin 100x that is decided the same way by both
+    assert min(abs(m) for m in margins) > 1e-4, margins
+    right = sum(m > 0 for m in margins)
+    assert 0 < right < 5  # the random head gets some pairs right and some wrong: a flipped comparison shows
+    assert (report["pairs"], report["right"], report["ties"]) == (5, right, 0)
+    assert report["accuracy"] == right / 5
+    # a classifier whose score head is zero scores every response 0: every pair a tie, counted wrong
+    from rlpost.eval_rm import main
+    with torch.no_grad():
+        rm.score.weight.zero_()
+    rm.save_pretrained(tmp_path / "flat")
+    tokenizer.save_pretrained(tmp_path / "flat")
+    assert main(["--classifier", str(tmp_path / "flat"), "--pairwise", str(pairs), "--out", str(tmp_path / "flat-out")]) == 0
+    flat = json.loads((tmp_path / "flat-out" / "rm_eval.json").read_text())["pairwise"]
+    assert (flat["right"], flat["ties"], flat["accuracy"]) == (0, 5, 0.0)
     proc = subprocess.run(base + ["--process-arithmetic", "4"], cwd=REPO, capture_output=True, text=True,
                           env=subprocess_env(), timeout=600)
     assert proc.returncode == 2 and "no step values" in proc.stderr

@@ -59,15 +59,15 @@ def test_pairs_inside_a_group(correct, k, expected):
 
 # --- preference files -----------------------------------------------------------------------------
 
-HH = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-
-
 def _hh_rows(n):
     import gzip
     import json
-    if not HH.is_file():
-        pytest.skip("HH data not found beside the repo")
-    with gzip.open(HH, "rt") as f:
+    from conftest import shared_data_dir
+    data = shared_data_dir()
+    hh = None if data is None else data / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    if hh is None or not hh.is_file():
+        pytest.skip("HH data not found (set RLPOST_DATA to the folder holding hh-rlhf/)")
+    with gzip.open(hh, "rt") as f:
         return [json.loads(next(f)) for _ in range(n)]
 
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, deepspeed_launcher
 
 AGGREGATIONS = ["grpo", "bnpo", "dr_grpo", "dapo"]
 STAGES = [0, 2, 3]
@@ -91,7 +91,6 @@ def test_cures_ragged_groups_on_two_ranks(trained, zero):
 # ---------------------------------------------------------------------------------------------
 # Whole runs on two ranks: APRIL, resume, whole-job metrics, eval, two nodes
 
-DEEPSPEED = REPO / ".venv" / "bin" / "deepspeed"
 SMALL = ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=6", "eval.num_prompts=6",
          "eval.pass_k=2", "train.micro_batch_size=4", "checkpoint.every=1", "checkpoint.keep_last=3",
          "grpo.dynamic_sampling=false", "train.lr=1e-4", "reward.format_weight=0.5", "data.arithmetic.train_size=50",
@@ -120,13 +119,12 @@ def _weights(step_dir):
 @pytest.fixture(scope="module")
 def april_two_ranks(tmp_path_factory, digit_model):
     """APRIL on 2 ranks for 3 steps (checkpoint every step); a second run resumed from its step 1."""
-    if not DEEPSPEED.exists():
-        pytest.skip("deepspeed launcher not in .venv")
+    launcher = deepspeed_launcher()
     root = tmp_path_factory.mktemp("april2")
     config = ["configs/grpo_math.yaml", "--no-progress",
               *_sets(*SMALL, f"model.name={digit_model}", "rollout.scheduler=april", "rollout.tokens_per_step=2",
                      "grpo.off_policy=mask_stale", "train.zero_stage=2", "train.max_steps=3")]
-    launch = [DEEPSPEED, "--num_gpus", "2", "--module", "rlpost.cli", "train"]
+    launch = [launcher, "--num_gpus", "2", "--module", "rlpost.cli", "train"]
     _run(launch + config + _sets(f"run.output_dir={root / 'a'}"))
     _run(launch + config + _sets(f"run.output_dir={root / 'b'}", "eval.at_start=false")
          + ["--resume", root / "a" / "checkpoints" / "step_1"])
@@ -177,8 +175,7 @@ def test_eval_numbers_do_not_depend_on_the_world_size(april_two_ranks):
 def test_two_nodes_with_the_deepspeed_launcher(tmp_path, digit_model):
     """Two launcher invocations on this machine as node 0 and node 1 of a hostfile (one process each,
     no ssh: --no_ssh --node_rank), as on two hosts without passwordless ssh; trains two steps."""
-    if not DEEPSPEED.exists():
-        pytest.skip("deepspeed launcher not in .venv")
+    launcher = deepspeed_launcher()
     from conftest import subprocess_env
     from rlpost.metrics import read_metrics
     hostfile = tmp_path / "hostfile"
@@ -187,7 +184,7 @@ def test_two_nodes_with_the_deepspeed_launcher(tmp_path, digit_model):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run = tmp_path / "run"
-    procs = [subprocess.Popen([str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+    procs = [subprocess.Popen([str(launcher), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
                                "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "rlpost.cli",
                                "train", "configs/grpo_math.yaml", "--no-progress",
                                *_sets(*SMALL, f"model.name={digit_model}", f"run.output_dir={run}", "train.max_steps=2",

@@ -276,7 +276,75 @@ def test_dpo_gradient_factor():
     assert float(grad) == pytest.approx(-0.045017, abs=1e-6)
 
 
-def test_attention_work_of_the_chunk_schedule():
-    """§7.8: T=8, C=4 -> 16 + 32 = 48 score entries, against 64 for the full matrix."""
-    assert sum((e - a) * e for a, e in chunk_bounds(8, 4)) == 48
+def test_attention_work_of_the_chunk_schedule(monkeypatch):
+    """§7.4 / §7.8, T=8, C=4: what the attention is actually handed. Every call gets one chunk's
+    queries and the keys / values of its prefix only, with a mask of that [C, e] block: (4 queries,
+    4 keys) then (4, 8) for each of the 2 layers, in the forward and again in the backward (the
+    recomputation): 16 + 32 = 48 score entries per layer and pass, against 64 for the full matrix.
+    A decoder that runs unchunked (plain autograd) or attends to the full K/V fails here."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):  # transformers' sdpa path calls this name too
+        calls.append((q.shape[-2], k.shape[-2], v.shape[-2], None if attn_mask is None else tuple(attn_mask.shape[-2:])))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    model = spec_model(0)
+    ids = torch.randint(3, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    hidden = streamed_decoder(model, ids, torch.ones_like(ids), torch.arange(8).expand(2, 8), chunk_size=4)
+    forward = list(calls)
+    calls.clear()
+    hidden.pow(2).sum().backward()
+    per_layer = [(4, 4, 4, (4, 4)), (4, 8, 8, (4, 8))]  # (queries, keys, values, mask) per chunk
+    assert forward == per_layer * 2, forward
+    assert calls == per_layer * 2, calls
+    assert sum(q * k for q, k, _, _ in per_layer) == 48
     assert chunk_bounds(37, 5)[-1] == (35, 37)
+
+
+def _peak_bytes(fn) -> int:
+    """Peak CPU memory allocated by torch while `fn` runs, above what was allocated when it started:
+    the running sum of the profiler's allocation (+) and free (-) records, in time order."""
+    from torch.autograd.profiler import MEMORY_EVENT_NAME
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == MEMORY_EVENT_NAME and e.device_type() == torch.autograd.DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in records:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def test_streambp_peaks_far_below_autograd_in_memory():
+    """§7.1 / §7.4: StreamBP keeps each layer's input and one chunk's activations; autograd keeps all
+    activations of all layers. Model: 4 layers, d = 64, d_ff = 256, 1 sequence of T = 1024, chunks of
+    C = 64, float32, no padding. Per layer autograd stores the norm outputs, q/k/v, attention output,
+    residuals [T, d] and the gate / up / activation / product [T, d_ff]: >= 10 T d + 4 T d_ff floats
+    = 6.8 MB, 27 MB for the 4 layers. StreamBP's peak: the 4 layer inputs (4 T d floats, 1 MB), and
+    for the layer being back-propagated about ten [T, d]-sized buffers (its normed input, keys,
+    values and their gradients, d_x, d_out: ~2.6 MB) plus one chunk's activations (C / T = 1/16 of
+    a layer, < 0.5 MB): ~4-5 MB. So StreamBP must peak below half of autograd's (a predicted factor
+    of 5-6, so ~2.5x headroom); a decoder that does not stream does not."""
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=1024, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(3, 50, (1, 1024), generator=torch.Generator().manual_seed(0))
+    mask, positions = torch.ones_like(ids), torch.arange(1024).unsqueeze(0)
+    probe = torch.randn(1, 1024, 64, generator=torch.Generator().manual_seed(1))
+
+    def step(decoder):
+        model.zero_grad(set_to_none=False)  # gradient buffers exist before measuring: same for both
+        (decoder(model, ids, mask, positions) * probe).sum().backward()
+
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    autograd = _peak_bytes(lambda: step(hf_decoder))
+    streamed = _peak_bytes(lambda: step(functools.partial(streamed_decoder, chunk_size=64)))
+    assert autograd > 20e6, f"autograd peaked at {autograd / 1e6:.1f} MB: the measurement missed the activations"
+    assert streamed < autograd / 2, f"StreamBP {streamed / 1e6:.1f} MB, autograd {autograd / 1e6:.1f} MB"

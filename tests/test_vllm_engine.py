@@ -5,8 +5,16 @@ import torch
 
 from rollout import vllm_engine
 from rollout.types import FinishReason, SamplingParams
+from test_streambp import true_float64_norms  # noqa: F401 - fixture: the float64 truth is float64 throughout
 
-pytestmark = pytest.mark.skipif(not vllm_engine.available(), reason="vllm is not installed")
+
+@pytest.fixture(autouse=True)
+def _vllm_installed():
+    """Skip only where vllm is not installed (ImportError); a broken install raises from available()
+    and fails. With RLPOST_REQUIRE_ALL=1 (CI) a missing vllm fails too."""
+    from conftest import skip_unless_required
+    if not vllm_engine.available():
+        skip_unless_required("vllm is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -22,19 +30,32 @@ def _prompts(tokenizer, n=4):
             for a in range(n)]
 
 
-def test_logprobs_match_a_transformers_forward(engine):
-    """Behaviour log-probs of the sampled tokens (temperature 0.7) = log softmax(logits / 0.7) of
-    transformers' float32 forward over the same tokens, within 1e-3."""
+def test_logprobs_match_a_transformers_forward(engine, true_float64_norms):
+    """Behaviour log-probs of the sampled tokens (temperature 0.7) = log softmax(logits / 0.7) over
+    the same tokens. Truth: transformers' float64 forward. vLLM runs float32 with its own kernels, so
+    it is held to what float32 itself allows here: 4x the distance of transformers' own float32
+    forward from the float64 one (two float32 evaluations of the same sums, each within that distance
+    of the truth, reordering at most doubling the rounding: 2x, and 2x headroom, as for StreamBP),
+    with a floor of 64 float32 ulps of the largest |log-prob| (a lucky, nearly exact float32 run is
+    not a property of the arithmetic). A wrong temperature or an off-by-one token is off by O(0.1)."""
     from rollout.models import load_model
     model = load_model("smollm2-135m-instruct").eval()
+    model64 = load_model("smollm2-135m-instruct", dtype=torch.float64).eval()
+
+    def logprobs(m, ids, prompt, response):
+        with torch.no_grad():
+            logits = m(ids).logits[0, len(prompt) - 1:-1].double() / 0.7
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
     for prompt, sample in zip(_prompts(engine.tokenizer, 2), engine.generate(_prompts(engine.tokenizer, 2),
                                                                             SamplingParams(24, 0.7, seed=0))):
         ids = torch.tensor([prompt + sample.response_ids])
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt) - 1:-1] / 0.7
-        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(sample.response_ids)[:, None]).squeeze(-1)
         assert len(sample.logprobs) == len(sample.response_ids) == len(sample.versions) > 0
-        assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-3)
+        truth = logprobs(model64, ids, prompt, sample.response_ids)
+        float32_error = float((logprobs(model, ids, prompt, sample.response_ids) - truth).abs().max())
+        floor = 64 * torch.finfo(torch.float32).eps * float(truth.abs().max().clamp(min=1.0))
+        vllm_error = float((torch.tensor(sample.logprobs, dtype=torch.float64) - truth).abs().max())
+        assert vllm_error <= 4 * max(float32_error, floor), (vllm_error, float32_error, floor)
 
 
 def test_greedy_equals_the_learners_model_after_a_step_and_sync(engine):
