@@ -83,7 +83,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             latest = run_dir / "checkpoints" / "latest"
             where = f"resume with --resume {latest}" if latest.is_symlink() else "no checkpoint was written yet"
             first = str(e).splitlines()[0] if str(e) else ""
-            message = first if isinstance(e, (RunError, ckpt.CheckpointWriteError, RewardError)) else f"{type(e).__name__}: {first}"
+            ours = isinstance(e, (RunError, ckpt.CheckpointWriteError, RewardError))  # already one clear line
+            message = first if ours else f"{type(e).__name__}: {first}"
             raise RunError(f"{message} ({where}; traceback in {log})") from e
 
 
