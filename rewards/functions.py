@@ -13,8 +13,8 @@ score this sample". The shaped reward is the weighted sum of the values that are
 no function scores is an error); the verdict `correct` is `value >= threshold` of one function.
 
 User code is untrusted for time and failure. By default each call runs in a worker process of its
-own (the design of rewards/math.py: a lone process behind a pipe, killed and replaced on timeout);
-`isolate: false` calls it in-process, faster but without the time limit. A timeout, an exception, a
+own (rewards/worker.py, as the math verifier's checks: a lone process behind a pipe, killed and
+replaced on timeout); `isolate: false` calls it in-process, faster but without the time limit. A timeout, an exception, a
 wrong-length return or a value that is not a finite number either raises RewardError (one line
 naming the function and the first offending sample) or scores 0 and is counted (`on_error: zero`).
 """
@@ -24,7 +24,6 @@ import importlib
 import importlib.util
 import inspect
 import math
-import multiprocessing as mp
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Callable
 import torch
 
 from rewards.outcome import overlong_penalty
+from rewards.worker import Worker, WorkerError, one_line
 from rollout.types import Group, Sample, UserError
 
 STANDARD_ARGS = ("prompts", "completions", "completion_ids")
@@ -66,7 +66,7 @@ def load_function(spec: str) -> Callable:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to import user code is one line
         raise RewardFunctionError(f"reward function {spec!r}: cannot import {where}: "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                                  + one_line(e, limit=None)) from None
     fn = getattr(module, name, None)
     if fn is None:
         raise RewardFunctionError(f"reward function {spec!r}: {where} has no {name!r}")
@@ -105,57 +105,17 @@ def _arguments(fn: Callable, kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def _serve(conn, spec: str) -> None:
-    """The worker's loop: import the function once, then kwargs in, ("ok", values) or ("error", why) out."""
-    try:
-        fn = load_function(spec)
-    except Exception as e:  # noqa: BLE001 - reported by the caller
-        conn.send(("error", str(e)))
-        return
-    conn.send(("ok", None))
-    while True:
-        try:
-            kwargs = conn.recv()
-        except EOFError:  # the trainer side closed the pipe
-            return
-        try:
-            values = fn(**_arguments(fn, kwargs))
-            conn.send(("ok", list(values) if isinstance(values, (list, tuple)) else values))
-        except Exception as e:  # noqa: BLE001 - reported by the caller
-            conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]))
+def _function(spec: str):
+    """The worker's handler (rewards/worker.py): kwargs -> the function's values; None -> None (the
+    first request, so that the import happens outside any time limit)."""
+    fn = load_function(spec)
 
-
-class _Worker:
-    """One process that holds one reward function (see rewards/math.py's _Worker for why not a Pool)."""
-
-    def __init__(self, spec: str):
-        context = mp.get_context("forkserver")
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, spec), daemon=True)
-        self.process.start()
-        child.close()
-        status, why = self.conn.recv()  # the import, outside any time limit
-        if status != "ok":
-            self.kill()
-            raise RewardFunctionError(why)
-
-    def call(self, kwargs: dict, timeout: float):
-        self.conn.send(kwargs)
-        if not self.conn.poll(timeout):
-            raise TimeoutError
-        status, value = self.conn.recv()
-        if status != "ok":
-            raise _CallFailed(value)
-        return value
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.join()
-        self.conn.close()
-
-
-class _CallFailed(Exception):
-    pass
+    def handle(kwargs):
+        if kwargs is None:
+            return None
+        values = fn(**_arguments(fn, kwargs))
+        return list(values) if isinstance(values, (list, tuple)) else values
+    return handle
 
 
 @dataclass
@@ -169,25 +129,30 @@ class RewardFunction:
     def __post_init__(self):
         self.fn = load_function(self.spec)  # in-process too: import errors surface before any model loads
         self.isolate = self.isolate and not getattr(self.fn, "isolates_itself", False)  # rewards.math:accuracy
-        self._worker: _Worker | None = None
+        self._worker: Worker | None = None
 
     def __call__(self, kwargs: dict, timeout: float):
-        """The raw return value. Raises TimeoutError, or _CallFailed with the function's exception."""
+        """The raw return value. Raises TimeoutError, or WorkerError with the function's exception."""
         if not self.isolate:
             try:
                 return self.fn(**_arguments(self.fn, kwargs))
             except Exception as e:  # noqa: BLE001 - user code
-                raise _CallFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]) from e
+                raise WorkerError(one_line(e)) from e
         if self._worker is None:
-            self._worker = _Worker(self.spec)
+            self._worker = Worker(_function, self.spec)
+            try:
+                self._worker.ask(None, None)  # the import, outside any time limit
+            except WorkerError as e:
+                self.close()
+                raise RewardFunctionError(str(e)) from None
         try:
-            return self._worker.call(kwargs, timeout)
+            return self._worker.ask(kwargs, timeout)
         except TimeoutError:
             self.close()  # it may be stuck in C code: kill it, start a fresh one next call
             raise
         except (OSError, EOFError):  # the worker died (killed, out of memory): replace it
             self.close()
-            raise _CallFailed("the worker process died") from None
+            raise WorkerError("the worker process died") from None
 
     def close(self) -> None:
         if self._worker is not None:
@@ -237,19 +202,24 @@ class FunctionRewards:
         self.counters: dict[str, int] = {}
 
     # -- scoring -------------------------------------------------------------------------------
-    def _call(self, f: RewardFunction, problems: list, samples: list[Sample]) -> list[float | None]:
+    def _kwargs(self, problems: list, samples: list[Sample]) -> dict:
+        """TRL's keyword arguments for samples[i] answering problems[i]."""
         kwargs = {"prompts": [self.messages(p.question) for p in problems],
                   "completions": [[{"role": "assistant", "content": s.text}] for s in samples],
                   "completion_ids": [list(s.response_ids) for s in samples]}
         for key in sorted({k for p in problems for k in p.columns} - set(STANDARD_ARGS)):
             kwargs[key] = [p.columns.get(key) for p in problems]
+        return kwargs
+
+    def _call(self, f: RewardFunction, kwargs: dict, problems: list, samples: list[Sample]) -> list[float | None]:
+        """f's validated values; a failure raises RewardError (on_error=raise) or scores 0, counted."""
         try:
             values, bad, why = validate(f(kwargs, self.timeout_s), len(samples))
         except TimeoutError:
             values, bad = [0.0] * len(samples), list(range(len(samples)))
             why = f"gave no answer within reward.timeout_s={self.timeout_s:g} s"
             self._count(f"timeouts/{f.name}")
-        except _CallFailed as e:
+        except WorkerError as e:
             values, bad, why = [0.0] * len(samples), list(range(len(samples))), f"raised {e}"
         if not bad:
             return values
@@ -267,7 +237,8 @@ class FunctionRewards:
         """Set `reward` and `correct` of `samples` (samples[i] answers problems[i])."""
         if not samples:
             return
-        values = {f.name: self._call(f, problems, samples) for f in self.functions}
+        kwargs = self._kwargs(problems, samples)  # built once: every function gets the same arguments
+        values = {f.name: self._call(f, kwargs, problems, samples) for f in self.functions}
         penalty = [0.0] * len(samples)
         if self.overlong:
             lengths = torch.tensor([len(s.response_ids) for s in samples])
@@ -293,7 +264,7 @@ class FunctionRewards:
 
     def verdicts(self, problems: list, samples: list[Sample]) -> list[bool]:
         """The verdict alone (held-out eval): only the `correct_from` function runs."""
-        values = self._call(self.verdict, problems, samples)
+        values = self._call(self.verdict, self._kwargs(problems, samples), problems, samples)
         return [v is not None and v >= self.threshold for v in values]
 
     # -- what the trainer logs -----------------------------------------------------------------

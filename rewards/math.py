@@ -12,9 +12,10 @@ question. An extracted answer with an arithmetic operator between two operands i
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import re
 from dataclasses import dataclass, field
+
+from rewards.worker import Worker
 
 _MINUS_SIGNS = str.maketrans({"\u2212": "-", "\uff0d": "-"})  # minus sign, full-width hyphen-minus
 _EXPRESSION = re.compile(r"[\d)}]\s*(?:[-+*×÷^]|\\times|\\cdot|\\div)\s*[\d({\\]")
@@ -41,47 +42,9 @@ def _verify(response: str, answer: str) -> tuple[bool, bool]:
     return bool(verify(gold, pred, timeout_seconds=None)), True
 
 
-def _serve(conn) -> None:
-    """The worker's loop: (response, answer) in, ("ok", (correct, has_answer)) or ("error", why) out."""
-    while True:
-        try:
-            response, answer = conn.recv()
-        except EOFError:  # the trainer side closed the pipe
-            return
-        try:
-            conn.send(("ok", _verify(response, answer)))
-        except Exception as e:  # noqa: BLE001 - reported, counted by the caller
-            conn.send(("error", repr(e)[:200]))
-
-
-class _Worker:
-    """One verifier process behind a pipe. Not a multiprocessing.Pool: a pool whose worker is killed
-    while it holds the task queue's lock deadlocks in terminate(); a lone process can always be killed
-    and replaced."""
-
-    def __init__(self):
-        # forkserver: the worker is a small clean process, not a fork of a big multithreaded trainer.
-        context = mp.get_context("forkserver")
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child,), daemon=True)
-        self.process.start()
-        child.close()
-
-    def ask(self, response: str, answer: str, timeout: float | None) -> tuple[bool, bool]:
-        """Raises TimeoutError when no answer came in time, OSError / EOFError when the worker is gone,
-        ValueError for what `_verify` raised."""
-        self.conn.send((response, answer))
-        if not self.conn.poll(timeout):
-            raise TimeoutError
-        status, value = self.conn.recv()
-        if status != "ok":
-            raise ValueError(value)
-        return value
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.join()
-        self.conn.close()
+def _verifier():
+    """The worker's handler (rewards/worker.py): (response, answer) -> (correct, has_answer)."""
+    return lambda pair: _verify(*pair)
 
 
 @dataclass
@@ -98,19 +61,19 @@ class MathReward:
     counters: dict[str, int] = field(default_factory=lambda: {"timeouts": 0, "errors": 0, "checked": 0})
 
     def __post_init__(self):
-        self._process: _Worker | None = None
+        self._process: Worker | None = None
 
-    def _worker(self) -> _Worker:
+    def _worker(self) -> Worker:
         if self._process is None:
-            self._process = _Worker()
-            self._process.ask("1", "1", None)  # warm up (imports, sympy caches) outside any time limit
+            self._process = Worker(_verifier)
+            self._process.ask(("1", "1"), None)  # warm up (imports, sympy caches) outside any time limit
         return self._process
 
     def check(self, response: str, answer: str) -> tuple[bool, bool]:
         self.counters["checked"] += 1
         response = response.translate(_MINUS_SIGNS)  # "−5" (U+2212) is -5, which math-verify reads as 5
         try:
-            return self._worker().ask(response, answer, self.timeout_s)
+            return self._worker().ask((response, answer), self.timeout_s)
         except TimeoutError:
             self.counters["timeouts"] += 1
             self.close()  # the worker may be stuck in C code: kill it, start a fresh one next call
@@ -159,6 +122,12 @@ _SHARED: MathReward | None = None
 _GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 
+def gsm8k_answer(text: str) -> str | None:
+    """The final answer of a GSM8K-style solution: what follows '####', thousands commas dropped."""
+    m = _GSM8K_ANSWER.search(text)
+    return m.group(1).replace(",", "") if m else None
+
+
 def accuracy(completions: list, answer: list, **kwargs) -> list[float]:
     """The built-in verifier as a reward function in TRL's convention (`reward.functions: [{fn:
     rewards.math:accuracy}]`): 1.0 when math-verify finds the reference `answer` column's value as the
@@ -168,7 +137,7 @@ def accuracy(completions: list, answer: list, **kwargs) -> list[float]:
     if _SHARED is None:
         _SHARED = MathReward()
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    golds = [m.group(1).replace(",", "") if (m := _GSM8K_ANSWER.search(str(a))) else str(a) for a in answer]
+    golds = [g if (g := gsm8k_answer(str(a))) is not None else str(a) for a in answer]
     return [float(_SHARED.check(t, g)[0]) for t, g in zip(texts, golds)]
 
 

@@ -19,14 +19,13 @@ class ModelReward:
     def __init__(self, name: str, spec: str, weight: float = 1.0, batch_size: int = 8,
                  device: torch.device | str = "cpu"):
         self.name, self.spec, self.weight, self.batch_size, self.device = name, spec, weight, batch_size, device
-        self.model, self.tokenizer = load_classifier(spec)
+        self.model, self.tokenizer = load_classifier(spec)  # its pad token is the tokenizer's: the last real token pools
         if self.model.config.num_labels != 1:
             raise RewardFunctionError(f"reward model {spec!r} has {self.model.config.num_labels} labels; a reward "
                                       "model has one (AutoModelForSequenceClassification with num_labels=1)")
         if not self.tokenizer.chat_template:
             raise RewardFunctionError(f"reward model {spec!r}: its tokenizer has no chat template to render "
                                       "prompt + completion with")
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id  # finds the last real token of each row
         self.model.to(device).eval().requires_grad_(False)
 
     def texts(self, prompts: list[list[dict]], completions: list[list[dict]]) -> list[str]:

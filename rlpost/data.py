@@ -8,10 +8,10 @@ from __future__ import annotations
 import gzip
 import json
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rewards.math import gsm8k_answer
 from rollout.types import FinishReason, Group, Sample, UserError
 from rlpost.config import ArithmeticConfig, DataConfig
 
@@ -109,7 +109,6 @@ def arithmetic_splits(cfg: ArithmeticConfig, seed: int) -> tuple[list[Problem], 
 # ---------------------------------------------------------------------------------------------
 # Files and hub datasets
 
-_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
 
 
 def _extract_answer(raw, answer_format: str) -> str | None:
@@ -117,8 +116,7 @@ def _extract_answer(raw, answer_format: str) -> str | None:
         return None
     text = str(raw).strip()
     if answer_format == "gsm8k":
-        m = _GSM8K_ANSWER.search(text)
-        return m.group(1).replace(",", "") if m else None
+        return gsm8k_answer(text)
     return text or None
 
 
