@@ -131,8 +131,9 @@ class RewardFunction:
         self.isolate = self.isolate and not getattr(self.fn, "isolates_itself", False)  # rewards.math:accuracy
         self._worker: Worker | None = None
 
-    def __call__(self, kwargs: dict, timeout: float):
-        """The raw return value. Raises TimeoutError, or WorkerError with the function's exception."""
+    def __call__(self, kwargs: dict, timeout: float, samples=None):
+        """The raw return value (`samples` are not the function's: it sees `kwargs` only). Raises
+        TimeoutError, or WorkerError with the function's exception."""
         if not self.isolate:
             try:
                 return self.fn(**_arguments(self.fn, kwargs))
@@ -188,10 +189,10 @@ class FunctionRewards:
     """The rewards step from user functions and reward models (anything with `name`, `weight` and
     `__call__(kwargs, timeout)`, see rewards/reward_model.py): fills `reward` (weighted sum) and `correct` (the verdict
     of `correct_from`) of every sample not scored yet. `problems[prompt_id]` gives a group's prompt
-    row (question and columns); `messages(question)` the chat messages the policy saw."""
+    row (question and columns); `messages(problem)` the chat messages the policy saw."""
     learners: dict = {}
 
-    def __init__(self, functions: list[RewardFunction], problems: list, messages: Callable[[str], list[dict]], *,
+    def __init__(self, functions: list[RewardFunction], problems: list, messages: Callable[[object], list[dict]], *,
                  correct_from: str, threshold: float = 1.0, on_error: str = "raise", timeout_s: float = 5.0,
                  max_new_tokens: int = 0, overlong: bool = False, overlong_cache: int = 16):
         self.functions, self.problems, self.messages = functions, problems, messages
@@ -204,7 +205,7 @@ class FunctionRewards:
     # -- scoring -------------------------------------------------------------------------------
     def _kwargs(self, problems: list, samples: list[Sample]) -> dict:
         """TRL's keyword arguments for samples[i] answering problems[i]."""
-        kwargs = {"prompts": [self.messages(p.question) for p in problems],
+        kwargs = {"prompts": [self.messages(p) for p in problems],
                   "completions": [[{"role": "assistant", "content": s.text}] for s in samples],
                   "completion_ids": [list(s.response_ids) for s in samples]}
         for key in sorted({k for p in problems for k in p.columns} - set(STANDARD_ARGS)):
@@ -214,7 +215,7 @@ class FunctionRewards:
     def _call(self, f: RewardFunction, kwargs: dict, problems: list, samples: list[Sample]) -> list[float | None]:
         """f's validated values; a failure raises RewardError (on_error=raise) or scores 0, counted."""
         try:
-            values, bad, why = validate(f(kwargs, self.timeout_s), len(samples))
+            values, bad, why = validate(f(kwargs, self.timeout_s, samples), len(samples))
         except TimeoutError:
             values, bad = [0.0] * len(samples), list(range(len(samples)))
             why = f"gave no answer within reward.timeout_s={self.timeout_s:g} s"

@@ -123,12 +123,23 @@ def model_head(cfg: Config) -> str:
     return getattr(objective_class(cfg), "model_head", "lm")
 
 
-def make_objective(cfg: Config, device: torch.device, pad_id: int, policy_weights: Callable | None = None):
-    """The objective of `algorithm:`, with the frozen models it asks for loaded once, in eval mode.
-    `policy_weights()` gives the learner's current weights (APO snapshots them at round starts)."""
+def frozen_models(cls: type, cfg: Config, learner) -> dict[str, torch.nn.Module]:
+    """The frozen models objective `cls` asks for, each once, in eval mode on the learner's device. With
+    LoRA the learner decides which are made of its own base instead of a second copy (the reference
+    when it is the initial policy, APO's snapshots of the policy, LoRA teachers on the same base)."""
+    snapshots = getattr(cls, "policy_snapshots", ())
+    out = {}
+    for name, spec in cls.frozen_models(cfg).items():
+        view = learner.frozen_view(spec, snapshot=name in snapshots)
+        out[name] = view if view is not None else load_model(spec).to(learner.engine.device).eval()
+    return out
+
+
+def make_objective(cfg: Config, learner, pad_id: int):
+    """The objective of `algorithm:` with its frozen models. `learner.trained_weights()` gives the
+    policy's current trained tensors (APO snapshots them at round starts)."""
     cls = objective_class(cfg)
-    frozen = {name: load_model(spec).to(device).eval() for name, spec in cls.frozen_models(cfg).items()}
-    return cls(cfg, frozen, pad_id, policy_weights)
+    return cls(cfg, frozen_models(cls, cfg, learner), pad_id, learner.trained_weights)
 
 
 def make_verifier(cfg: Config, data: RunData):
@@ -184,16 +195,17 @@ def make_rewards(cfg: Config, verifier, device: torch.device, pad_id: int):
     from rlpost.objectives.implicit_prm import ImplicitPRM
     from rlpost.prime import PrimeReward
     prm_train = cfg.prime.train or cfg.train.model_copy(update={"lr": 1e-6})
-    learner = Learner(cfg.prime.model or cfg.model.name, prm_train)
-    frozen = {name: load_model(spec).to(device).eval() for name, spec in ImplicitPRM.frozen_models(cfg).items()}
-    return PrimeReward(outcome, learner, ImplicitPRM(cfg, frozen, pad_id), cfg.prime.update, prm_train.micro_batch_size)
+    learner = Learner(cfg.prime.model or cfg.model.name, prm_train, lora=cfg.model.lora)
+    prm = ImplicitPRM(cfg, frozen_models(ImplicitPRM, cfg, learner), pad_id)
+    return PrimeReward(outcome, learner, prm, cfg.prime.update, prm_train.micro_batch_size)
 
 
 def make_evaluator(cfg: Config, engine, data: RunData, verifier, policy: torch.nn.Module | None, device,
-                   pad_id: int) -> Callable[[], dict]:
+                   pad_id: int, learner=None) -> Callable[[], dict]:
     """eval.kind: accuracy (`engine` generates on held-out prompts, `verifier` scores) | pairwise
     (`policy`'s implicit-reward ranking of held-out preference pairs) | none (an empty result). The
-    trainer and `rlpost eval` both evaluate through here."""
+    trainer and `rlpost eval` both evaluate through here; the trainer passes its `learner`, whose base
+    is the pairwise reference under LoRA (no copy loaded)."""
     if cfg.eval.kind == "none":
         return lambda: {}
     if cfg.eval.kind == "pairwise":
@@ -202,6 +214,7 @@ def make_evaluator(cfg: Config, engine, data: RunData, verifier, policy: torch.n
         reference = getattr(getattr(cfg, cfg.algorithm, None), "reference", None) or cfg.model.name
         if model_head(cfg) == "score":  # a reward model ranks pairs by its own score: no reference
             reference = None
+        view = learner.frozen_view(reference) if learner is not None and reference is not None else None
         return PairwiseEval(policy, reference, data.responses.held_out[:cfg.eval.num_prompts], pad_id,
-                            cfg.train.micro_batch_size, device)
+                            cfg.train.micro_batch_size, device, reference_model=view)
     return lambda: run_eval(engine, data.test_prompts, verifier, cfg)

@@ -1,4 +1,6 @@
 """Atomic checkpoints: `checkpoints/step_N/{hf/, deepspeed/, trainer_state.pt}` plus a `latest` symlink.
+`hf/` is a plain HF model folder, or with LoRA (model.lora) the adapter in peft's format
+(adapter_config.json + adapter_model.safetensors); `rlpost export --merge` turns it into a plain folder.
 
 A checkpoint is written to a hidden temp dir and renamed into place; `latest` is switched with an
 atomic symlink replace. At every moment `latest` resolves to a complete checkpoint, so a kill at any
@@ -138,8 +140,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     path = path.resolve()
-    if not (path / STATE_FILE).is_file() or not (path / "hf" / "config.json").is_file():
-        raise CheckpointError(f"{path} is not an rlpost checkpoint (expected {STATE_FILE} and hf/config.json)")
+    hf = path / "hf"
+    if not (path / STATE_FILE).is_file() or not ((hf / "config.json").is_file() or (hf / "adapter_config.json").is_file()):
+        raise CheckpointError(f"{path} is not an rlpost checkpoint (expected {STATE_FILE} and hf/config.json, "
+                              f"or hf/adapter_config.json for LoRA)")
     return path
 
 

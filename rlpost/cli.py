@@ -1,4 +1,4 @@
-"""`rlpost train | eval | eval-rm | plot`. Argument parsing and error reporting only; the work is elsewhere.
+"""`rlpost train | eval | eval-rm | export | plot`. Argument parsing and error reporting only; the work is elsewhere.
 
 User errors (bad config, missing file, not a checkpoint) print one line and exit with code 2.
 """
@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     rm = sub.add_parser("eval-rm", help="evaluate a reward model (rlpost eval-rm --help)", add_help=False)
     rm.add_argument("args", nargs=argparse.REMAINDER)
+    export = sub.add_parser("export", help="a checkpoint as a plain HF model folder (LoRA: the adapter merged in)")
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="rlpost checkpoint (step dir, `latest`, run dir)")
+    export.add_argument("--merge", required=True, metavar="OUT",
+                        help="write the merged model (W + scale * B A in every adapted module) and its tokenizer here")
     plot = sub.add_parser("plot", help="PNG curves of a run's metrics")
     plot.add_argument("run_dir")
     return parser
@@ -91,7 +95,7 @@ def _cmd_eval(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     path = Path(args.checkpoint)
-    is_hf_folder = (path / "config.json").is_file()
+    is_hf_folder = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()  # a model or an adapter
     looks_like_path = args.checkpoint.startswith((".", "/", "~")) or args.checkpoint.count("/") != 1
     if not path.exists() and looks_like_path and args.checkpoint not in SPECS:
         raise UserError(f"--checkpoint {args.checkpoint}: no such checkpoint (a step dir, `latest`, a run dir, an HF "
@@ -113,6 +117,26 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    """hf/ of a checkpoint as a plain HF folder: a LoRA adapter merged into its base, a full model copied."""
+    import shutil
+    from pathlib import Path
+
+    from rlpost.checkpoint import resolve_checkpoint
+    from rollout.models import export_merged, is_adapter
+
+    hf = resolve_checkpoint(Path(args.checkpoint)) / "hf"
+    out = Path(args.merge)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--merge {out}: the folder exists and is not empty")
+    if is_adapter(hf):
+        export_merged(str(hf), out)
+    else:  # full fine-tuning: hf/ is a plain model folder already
+        shutil.copytree(hf, out, dirs_exist_ok=True)
+    print(out)
+    return 0
+
+
 def _cmd_plot(args) -> int:
     from rlpost.plot import plot_run
 
@@ -129,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return eval_rm(argv[1:])
     args = _parser().parse_args(argv)  # argparse itself exits 2 on misuse
     _quiet()
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "plot": _cmd_plot}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "plot": _cmd_plot}
     try:
         return commands[args.command](args)
     except UserError as e:

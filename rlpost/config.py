@@ -28,8 +28,20 @@ class RunConfig(Section):
     seed: int = 0                            # seeds Python/NumPy/torch, vLLM, the samplers, the data (arithmetic, held_out)
 
 
+class LoraConfig(Section):
+    """LoRA adapters through peft (docs/lora.md): W x + (alpha / r) B A x on the targeted modules; only A
+    and B train, and the frozen base W is the reference wherever that is the initial policy."""
+    r: int = Field(16, ge=1)                 # the adapters' rank (A is [r, d_in], B is [d_out, r], B = 0 at the start)
+    alpha: float = Field(32.0, gt=0)         # the update is scaled by alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the adapters' input; 0 keeps StreamBP and resume exact
+    # module names (a name matches a module whose path ends with it, as in peft) that get adapters;
+    # "all-linear": every linear layer of the decoder (not the output head)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
 class ModelConfig(Section):
     name: str = "smollm2-135m-instruct"  # hub id, local dir, smollm2-135m-instruct or tiny-random
+    lora: LoraConfig | None = None       # null: full fine-tuning; else LoRA adapters (e.g. --set model.lora.r=16)
 
 
 class ArithmeticConfig(Section):
@@ -60,7 +72,29 @@ class DataConfig(Section):
     max_response_tokens: int = Field(512, ge=1)
     held_out: int = Field(0, ge=0)      # rows of a fixed-response source held out for eval (seeded), without test_source
     swap_pairs: bool = False            # train on rejected over chosen (the reverse DPO model of AlignDistil)
+    # [start, stop]: only rows start..stop-1 of `source` (file order, before anything is skipped or
+    # held out), e.g. two halves of one file for two reward models; test_rows the same for the held-out
+    # file (test_source, or source itself when test_source is unset).
+    rows: tuple[int, int] | None = None
+    test_rows: tuple[int, int] | None = None
+    # What a prompt row is. question: `question_field` holds the question (a string) and `answer_field`
+    # the reference answer. pairs: the prompt of a preference row (`prompt` + chosen/rejected, or an
+    # Anthropic HH pair of whole conversations cut before the last assistant turn), as chat
+    # messages, with no reference answer (reward.functions / reward.models score it).
+    prompts_from: Literal["question", "pairs"] = "question"
+    # Anthropic HH rows ("\n\nHuman: ... \n\nAssistant: ..." strings) as fixed responses. text: as
+    # written; messages: parsed into user/assistant chat messages and rendered with the chat template,
+    # as a chat model generates them (and as reward.models scores them).
+    hh_format: Literal["text", "messages"] = "text"
     arithmetic: ArithmeticConfig = ArithmeticConfig()  # the built-in problems (source: arithmetic)
+
+    @model_validator(mode="after")
+    def _row_ranges(self) -> "DataConfig":
+        for key in ("rows", "test_rows"):
+            span = getattr(self, key)
+            if span is not None and not 0 <= span[0] < span[1]:
+                raise ValueError(f"data.{key} must be [start, stop] with 0 <= start < stop, got {list(span)}")
+        return self
 
 
 class RolloutConfig(Section):
@@ -306,6 +340,9 @@ class Config(Section):
                              "a file's responses arrive labelled")
         if self.curriculum.sampler == "cures" and self.rollout.group_size < self.curriculum.k_min:
             raise ValueError("rollout.group_size (the mean rollouts per prompt) must be >= curriculum.k_min")
+        if self.model.lora is not None and self.model.lora.dropout > 0 and self.train.backward == "streambp":
+            raise ValueError("model.lora.dropout must be 0 with train.backward=streambp (StreamBP recomputes each "
+                             "layer chunk by chunk and cannot replay the dropout masks)")
         return self
 
 
@@ -330,6 +367,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
+        if child is None:  # a section written as null (model.lora: null) that an override fills in
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: {'.'.join(parts[:i + 1])} is not a section")
         node = child

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class Problem:
     question: str
     answer: str    # the reference answer the math verifier checks
     columns: dict = field(default_factory=dict)  # the row's other columns, as reward functions get them (TRL)
+    messages: list[dict] | None = None  # a conversational prompt (data.prompts_from=pairs); None: the question
 
 
 @dataclass
@@ -120,28 +122,25 @@ def _extract_answer(raw, answer_format: str) -> str | None:
     return text or None
 
 
-def _read_rows(source: str, split: str) -> tuple[list, int]:
-    """Raw rows and the number of lines that were not valid JSON objects."""
+def _read_rows(source: str, split: str, span: tuple[int, int] | None = None) -> tuple[list, int]:
+    """Raw rows and the number of lines that were not valid JSON objects; with `span` (data.rows)
+    only the rows start..stop-1 in file order, chosen before anything is parsed or skipped."""
     path = Path(source).expanduser()
     jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
     if (jsonl or path.suffix in (".json", ".parquet")) and not path.exists():
         raise DataError(f"data file not found: {path}")
     if jsonl:
-        rows, bad = [], 0
         data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        for raw in data.splitlines():
-            if not raw.strip():
-                continue
+        lines = _span([line for line in data.splitlines() if line.strip()], span, source)
+        rows = []
+        for raw in lines:
             try:
                 row = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):  # a bad row is skipped, never the whole file
-                bad += 1
-                continue
+                row = None
             if isinstance(row, dict):
                 rows.append(row)
-            else:
-                bad += 1
-        return rows, bad
+        return rows, len(lines) - len(rows)
     import datasets
 
     try:
@@ -151,13 +150,49 @@ def _read_rows(source: str, split: str) -> tuple[list, int]:
             ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
         raise DataError(f"cannot load dataset {source!r} (split {split!r}): {str(e).splitlines()[0]}") from None
-    return list(ds), 0
+    return _span(list(ds), span, source), 0
 
 
-def load_problems(source: str, split: str, cfg: DataConfig) -> tuple[list[Problem], int]:
-    rows, skipped = _read_rows(source, split)
+def _span(rows: list, span: tuple[int, int] | None, source: str) -> list:
+    if span is None:
+        return rows
+    if span[0] >= len(rows):
+        raise DataError(f"{source!r} has {len(rows)} rows: the row range {list(span)} selects none")
+    return rows[span[0]:span[1]]
+
+
+def _pair_prompt(row: dict, cfg: DataConfig) -> Problem | None:
+    """data.prompts_from=pairs: the prompt of a preference row as chat messages, no reference answer."""
+    if not all(isinstance(row.get(k), (str, list)) for k in ("chosen", "rejected")):
+        return None
+    example = {k: row[k] for k in ("prompt", "chosen", "rejected") if k in row}
+    try:
+        prompt = _split_hh(example)["prompt"]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if isinstance(prompt, str):  # an HH dialogue, or a standard prompt: one user message
+        messages = hh_messages(prompt) if _HH_TURN.match(prompt) else [{"role": "user", "content": prompt}]
+    else:
+        messages = prompt
+    users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    if not users or not all(isinstance(u, str) for u in users) or not users[-1].strip():
+        return None
+    answer = row.get(cfg.answer_field)
+    columns = {k: v for k, v in row.items() if k != "prompt"}
+    return Problem(question=users[-1].strip(), answer="" if answer is None else str(answer), columns=columns,
+                   messages=messages)
+
+
+def load_problems(source: str, split: str, cfg: DataConfig, span: tuple[int, int] | None = None
+                  ) -> tuple[list[Problem], int]:
+    rows, skipped = _read_rows(source, split, span)
     problems = []
     for row in rows:
+        if cfg.prompts_from == "pairs":
+            problem = _pair_prompt(row, cfg)
+            skipped += problem is None
+            problems += [problem] if problem is not None else []
+            continue
         question = row.get(cfg.question_field)
         answer = _extract_answer(row.get(cfg.answer_field), cfg.answer_format)
         if not isinstance(question, str) or not question.strip() or answer is None:
@@ -166,23 +201,28 @@ def load_problems(source: str, split: str, cfg: DataConfig) -> tuple[list[Proble
         columns = {k: v for k, v in row.items() if k != cfg.question_field}
         problems.append(Problem(question=question.strip(), answer=answer, columns=columns))
     if not problems:
-        raise DataError(f"{source!r} has no usable rows (fields {cfg.question_field!r}/{cfg.answer_field!r}, "
-                        f"answer format {cfg.answer_format!r}; {skipped} rows skipped)")
+        shape = ("preference rows (prompt + chosen/rejected, or Anthropic HH chosen/rejected)"
+                 if cfg.prompts_from == "pairs" else
+                 f"fields {cfg.question_field!r}/{cfg.answer_field!r}, answer format {cfg.answer_format!r}")
+        raise DataError(f"{source!r} has no usable rows ({shape}; {skipped} rows skipped)")
     return problems, skipped
 
 
 # ---------------------------------------------------------------------------------------------
 
-def prompt_messages(question: str, cfg: DataConfig) -> list[dict]:
+def prompt_messages(problem: Problem, cfg: DataConfig) -> list[dict]:
     """The chat messages a prompt is rendered from (what reward functions get as `prompts`)."""
-    messages = [{"role": "user", "content": cfg.prompt_template.format(question=question)}]
-    if cfg.system_prompt is not None:
+    if problem.messages is not None:
+        messages = [dict(m) for m in problem.messages]
+    else:
+        messages = [{"role": "user", "content": cfg.prompt_template.format(question=problem.question)}]
+    if cfg.system_prompt is not None and messages[0].get("role") != "system":
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
     return messages
 
 
-def render_prompt(tokenizer, question: str, cfg: DataConfig) -> list[int]:
-    messages = prompt_messages(question, cfg)
+def render_prompt(tokenizer, problem: Problem, cfg: DataConfig) -> list[int]:
+    messages = prompt_messages(problem, cfg)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False).input_ids
 
@@ -193,15 +233,15 @@ def load_prompt_sets(cfg: DataConfig, tokenizer, seed: int) -> tuple[PromptSet, 
         train, test = arithmetic_splits(cfg.arithmetic, seed if cfg.arithmetic.seed is None else cfg.arithmetic.seed)
         train_set, test_set = PromptSet(train), PromptSet(test)
     else:
-        train, bad_train = load_problems(cfg.source, cfg.train_split, cfg)
-        test, bad_test = load_problems(cfg.test_source or cfg.source, cfg.test_split, cfg)
+        train, bad_train = load_problems(cfg.source, cfg.train_split, cfg, cfg.rows)
+        test, bad_test = load_problems(cfg.test_source or cfg.source, cfg.test_split, cfg, cfg.test_rows)
         train_set, test_set = PromptSet(train, skipped=bad_train), PromptSet(test, skipped=bad_test)
     if cfg.max_train_prompts:
         train_set.problems = train_set.problems[:cfg.max_train_prompts]
     if cfg.max_test_prompts:
         test_set.problems = test_set.problems[:cfg.max_test_prompts]
     for prompt_set in (train_set, test_set):
-        rendered = [(p, render_prompt(tokenizer, p.question, cfg)) for p in prompt_set.problems]
+        rendered = [(p, render_prompt(tokenizer, p, cfg)) for p in prompt_set.problems]
         # A prompt longer than data.max_prompt_tokens (chat template included) is dropped, not cut:
         # a truncated question is a different question, and its answer would be scored as this one's.
         kept = [(p, ids) for p, ids in rendered if len(ids) <= cfg.max_prompt_tokens]
@@ -218,6 +258,18 @@ def load_prompt_sets(cfg: DataConfig, tokenizer, seed: int) -> tuple[PromptSet, 
 
 _RESPONSE_KEYS = (("chosen", "rejected"), ("completion",), ("completions",))
 _LAST_TURN = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_messages(text: str) -> list[dict]:
+    """An Anthropic HH string ("\n\nHuman: ...\n\nAssistant: ...") -> chat messages; a final empty
+    assistant turn (a prompt awaiting its answer) is dropped."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise ValueError("not an Anthropic HH conversation")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    messages = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    return messages[:-1] if messages[-1]["role"] == "assistant" and not messages[-1]["content"] else messages
 
 
 @dataclass
@@ -256,6 +308,9 @@ def _response_group(row: dict, index: int, cfg: DataConfig, tokenizer) -> tuple[
         example = {k: row[k] for k in ("prompt", *keys) if k in row}
         if keys == ("chosen", "rejected"):
             example = _split_hh(example)
+            if cfg.hh_format == "messages" and isinstance(example["prompt"], str):
+                example = {"prompt": hh_messages(example["prompt"]),
+                           **{k: hh_messages(_LAST_TURN + example[k]) for k in keys}}
         responses = example["completions"] if keys == ("completions",) else [example[k] for k in keys]
         rendered = [maybe_apply_chat_template({"prompt": example["prompt"], "completion": r}, tokenizer)
                     for r in responses]
@@ -268,11 +323,15 @@ def _response_group(row: dict, index: int, cfg: DataConfig, tokenizer) -> tuple[
     cut = len(prompt_ids) > cfg.max_prompt_tokens
     prompt_ids = prompt_ids[-cfg.max_prompt_tokens:]
     samples = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    stored = _stored_ids(row, keys, responses, tokenizer)
+    for text, stopped, kept in zip(texts, _ended(row, keys, len(texts)), stored):
+        ids = kept if kept is not None else response_ids(tokenizer, text, stopped)
+        stopped = ids[-1:] == [tokenizer.eos_token_id]
         cut |= len(ids) > cfg.max_response_tokens
+        stopped &= len(ids) <= cfg.max_response_tokens
         ids = ids[:cfg.max_response_tokens]
-        samples.append(Sample(list(prompt_ids), ids, [0.0] * len(ids), FinishReason.STOP, text=text))
+        finish = FinishReason.STOP if stopped else FinishReason.LENGTH
+        samples.append(Sample(list(prompt_ids), ids, [0.0] * len(ids), finish, text=text))
     if keys == ("chosen", "rejected"):
         chosen, rejected = samples if not cfg.swap_pairs else samples[::-1]
         chosen.correct, chosen.reward, rejected.correct, rejected.reward = True, 1.0, False, 0.0
@@ -282,6 +341,45 @@ def _response_group(row: dict, index: int, cfg: DataConfig, tokenizer) -> tuple[
     return Group(index, rendered[0]["prompt"], "" if answer is None else str(answer), samples, columns), cut
 
 
+def _stored_ids(row: dict, keys: tuple, responses: list, tokenizer) -> list[list[int] | None]:
+    """The generated token ids a row carries (`chosen_ids` / `rejected_ids` / `completion_ids`, as
+    scripts/sample_pairs.py writes them), for each response whose ids decode to its text with this
+    tokenizer; None where there are none or they are another tokenizer's (the text is encoded then).
+    Generated ids need not be the tokenizer's own encoding of their text (a sampled word can come in
+    two pieces the tokenizer would merge), so only the stored ids give back exactly what was sampled."""
+    if keys == ("completions",):
+        return [None] * len(responses)
+    out = []
+    for key, response in zip(keys, responses):
+        ids = row.get(f"{key}_ids")
+        text = response if isinstance(response, str) else "".join(m.get("content", "") for m in response)
+        ok = (isinstance(ids, list) and ids and all(isinstance(i, int) and 0 <= i < len(tokenizer) for i in ids)
+              and tokenizer.decode(ids, skip_special_tokens=True) == text)
+        out.append(list(ids) if ok else None)
+    return out
+
+
+def _ended(row: dict, keys: tuple, n: int) -> list[bool]:
+    """Which responses ended with EOS: all, but those a `<key>_truncated` column marks as cut at the
+    generation limit (scripts/sample_pairs.py writes them; `completions_truncated` is a list)."""
+    if keys == ("completions",):
+        flags = row.get("completions_truncated")
+        return [not bool(f) for f in flags] if isinstance(flags, list) and len(flags) == n else [True] * n
+    return [not bool(row.get(f"{k}_truncated", False)) for k in keys]
+
+
+def response_ids(tokenizer, text: str, ended: bool = True) -> list[int]:
+    """A fixed response as the engine generates it: its tokens, then the EOS token that ended it
+    (none for a response cut at the generation limit). A chat template that closes the assistant
+    turn with EOS (and a newline) already wrote it: that closing is replaced by the one EOS token
+    the policy generates, not doubled."""
+    eos = tokenizer.eos_token
+    closed = text.rstrip()
+    if eos and closed.endswith(eos):
+        text = closed[:-len(eos)]
+    return tokenizer(text, add_special_tokens=False).input_ids + ([tokenizer.eos_token_id] if ended else [])
+
+
 def load_response_groups(cfg: DataConfig, tokenizer, seed: int = 0) -> ResponseSet:
     """Rows of `data.source` with fixed responses -> one Group per row, for offline objectives.
 
@@ -289,13 +387,15 @@ def load_response_groups(cfg: DataConfig, tokenizer, seed: int = 0) -> ResponseS
     rows `prompt / chosen / rejected`, or `chosen / rejected` whole conversations with the prompt
     implicit (Anthropic HH: see `_split_hh`); prompt-completion rows `prompt / completion`, or
     `prompt / completions` (a list). TRL's `maybe_extract_prompt` and `maybe_apply_chat_template`
-    render them; each response ends with the EOS token. `data.answer_field`, when present, is kept
-    as the group's answer for the verifier. Unusable rows are skipped and counted; long ones are cut
+    render them; each response ends with the one EOS token the engine generates (`response_ids`),
+    unless a `chosen_truncated` / `rejected_truncated` / `completion_truncated` column (a list
+    `completions_truncated`) marks it as cut at the generation limit. `data.answer_field`, when
+    present, is kept as the group's answer for the verifier. Unusable rows are skipped and counted; long ones are cut
     (see DataConfig.max_prompt_tokens / max_response_tokens) and counted. The held-out rows are
     `data.test_source`, or else `data.held_out` rows drawn from the source with the run's seed.
     """
-    def load(source: str, offset: int = 0) -> tuple[list[Group], int, int]:
-        rows, skipped = _read_rows(source, cfg.train_split)
+    def load(source: str, span, offset: int = 0) -> tuple[list[Group], int, int]:
+        rows, skipped = _read_rows(source, cfg.train_split, span)
         groups, truncated = [], 0
         for row in rows:
             group, cut = _response_group(row, offset + len(groups), cfg, tokenizer)
@@ -305,9 +405,9 @@ def load_response_groups(cfg: DataConfig, tokenizer, seed: int = 0) -> ResponseS
                 groups.append(group)
         return groups, skipped, truncated
 
-    groups, skipped, truncated = load(cfg.source)
+    groups, skipped, truncated = load(cfg.source, cfg.rows)
     if cfg.test_source:
-        held_out, more_skipped, more_truncated = load(cfg.test_source, offset=len(groups))
+        held_out, more_skipped, more_truncated = load(cfg.test_source, cfg.test_rows, offset=len(groups))
         skipped, truncated = skipped + more_skipped, truncated + more_truncated
     else:
         order = list(range(len(groups)))

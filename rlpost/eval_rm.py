@@ -20,7 +20,8 @@ Suites:
   whole conversations). A pair is right only when chosen scores strictly higher; ties are wrong and
   reported; accuracy is split by whether chosen is the longer response.
 - process: ProcessBench-format jsonl (`problem`, `steps`, `label`), e.g. from scripts/make_step_data.py.
-  A solution is its steps joined by "\\n\\n" (a step's value includes its delimiter); the predicted
+  A solution is its steps joined by "\\n\\n" (a step's value includes its delimiter), encoded as the
+  trainer encodes a response (its tokens and one EOS, where the last step's value is read); the predicted
   first wrong step is the first whose step value falls below a threshold (-1 if none), the threshold
   tuned on the first half of the items and reported on the second (the "oracle" threshold tuned on
   the reported half itself is printed as such). Beside the scorer, two baselines on the same items:
@@ -28,7 +29,8 @@ Suites:
   last step; in generated data an error always reaches the answer) and the untrained PRM (PRM =
   reference, q = 0 everywhere, exactly).
 - best-of-N: N samples per held-out prompt of a training config (its model, prompts, sampling), each
-  split into steps at "\\n\\n"; accuracy at each N for every response score of the scorer, against a
+  split into steps at "\\n\\n" and scored on the ids the engine generated (EOS included; re-encoded
+  only for a scorer with another tokenizer); accuracy at each N for every response score of the scorer, against a
   random pick (the expected accuracy), majority vote on the final number and pass@N.
 
 Output: tables on stdout, OUT/rm_eval.json, OUT/best_of_n.png. Bad input: one line, exit 2.
@@ -149,7 +151,7 @@ class Classifier:
 def load_scorer(args):
     """-> (scorer, tokenizer, description)."""
     from rlpost.checkpoint import load_trainer_state, resolve_checkpoint
-    from rollout.models import load_model, load_tokenizer
+    from rollout.models import load_classifier, load_model, load_tokenizer
 
     def model_path(spec: str) -> str:
         path = Path(spec)
@@ -159,7 +161,7 @@ def load_scorer(args):
 
     def load(spec: str, what: str, cls=None):
         try:
-            return load_model(spec) if cls is None else cls.from_pretrained(spec, torch_dtype=torch.float32)
+            return load_model(spec) if cls is None else load_classifier(spec)[0]
         except Exception as e:  # noqa: BLE001 - any load failure is the user's path or model
             raise InputError(f"{what} {spec!r} does not load: {str(e).splitlines()[0][:200]}") from None
 
@@ -187,17 +189,48 @@ def load_scorer(args):
     return Classifier(model, load_tokenizer(path)), load_tokenizer(path), f"sequence classifier {path}"
 
 
-def encode(tokenizer, prompt_ids: list[int], steps: list[str]):
-    """A sample whose response is the steps joined by "\\n\\n", and the token index where each step
-    (with its delimiter) ends, from the fast tokenizer's character offsets."""
-    from rollout.types import FinishReason, Sample
-    enc = tokenizer("\n\n".join(steps), add_special_tokens=False, return_offsets_mapping=True)
+def _step_ends(starts: list[int], steps: list[str]) -> list[int]:
+    """The token index where each step (with its "\n\n" delimiter) ends, from each token's first
+    character offset in the joined text."""
     ends, position = [], 0
     for k, step in enumerate(steps):
         position += len(step) + (2 if k < len(steps) - 1 else 0)
-        ends.append(max([i for i, (start, _) in enumerate(enc["offset_mapping"]) if start < position] or [0]))
-    ids = list(enc["input_ids"]) or [tokenizer.eos_token_id]
-    return Sample(list(prompt_ids), ids, [0.0] * len(ids), FinishReason.STOP), ends
+        ends.append(max([i for i, start in enumerate(starts) if start < position] or [0]))
+    return ends
+
+
+def encode(tokenizer, prompt_ids: list[int], steps: list[str], ended: bool = True):
+    """A sample whose response is the steps joined by "\n\n", encoded as the trainer encodes a
+    response (rlpost.data.response_ids: the text's tokens and, if it ended, one EOS), and the token
+    index where each step ends; the last step ends at the EOS, where training put the outcome."""
+    from rlpost.data import response_ids
+    from rollout.types import FinishReason, Sample
+    text = "\n\n".join(steps)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = response_ids(tokenizer, text, ended) or [tokenizer.eos_token_id]
+    ends = _step_ends([start for start, _ in enc["offset_mapping"]], steps)
+    if ended:
+        ends[-1] = len(ids) - 1
+    return Sample(list(prompt_ids), ids, [0.0] * len(ids), FinishReason.STOP if ended else FinishReason.LENGTH), ends
+
+
+def encode_generated(tokenizer, prompt_ids: list[int], sample):
+    """A generated sample scored on the very ids the engine produced (when the scorer shares the
+    policy's tokenizer): generated ids need not be the tokenizer's encoding of their text, and
+    re-encoding would also drop the EOS. Steps split at "\n\n" in the decoded text."""
+    from rollout.types import Sample
+    ids = list(sample.response_ids)
+    ended = sample.finish_reason.value == "stop" and ids[-1:] == [tokenizer.eos_token_id]
+    content = ids[:-1] if ended else ids
+    text = tokenizer.decode(content, skip_special_tokens=True)
+    steps = [x for x in text.split("\n\n") if x.strip()] or [text]
+    if "\n\n".join(steps) != text:  # blank steps or edge whitespace: step offsets would not line up
+        return encode(tokenizer, prompt_ids, steps, ended)
+    starts = [len(tokenizer.decode(content[:i], skip_special_tokens=True)) for i in range(len(content))]
+    ends = _step_ends(starts, steps)
+    if ended:
+        ends[-1] = len(ids) - 1
+    return Sample(list(prompt_ids), ids, [0.0] * len(ids), sample.finish_reason), ends
 
 
 def chat_prompt(tokenizer, question: str) -> list[int]:
@@ -292,9 +325,12 @@ def best_of_n_suite(scorer, tokenizer, config: str, overrides: list[str], ns: li
     correct = verifier.correctness([s.text for s in samples], [p.answer for p in test.problems[:count] for _ in range(n_max)])
     verifier.close()
     # the scorer reads the same prompt rendered with its own tokenizer (it may not be the policy's)
-    prompt_of = [render_prompt(tokenizer, test.problems[i].question, cfg.data) for i in range(count) for _ in range(n_max)]
-    encoded = [encode(tokenizer, p, [x for x in s.text.split("\n\n") if x.strip()] or [s.text])
-               for p, s in zip(prompt_of, samples)]
+    prompt_of = [render_prompt(tokenizer, test.problems[i], cfg.data) for i in range(count) for _ in range(n_max)]
+    if tokenizer.get_vocab() == policy_tokenizer.get_vocab():  # the ids the engine generated, EOS included
+        encoded = [encode_generated(tokenizer, p, s) for p, s in zip(prompt_of, samples)]
+    else:  # another tokenizer: the text, re-encoded as the trainer encodes a response
+        encoded = [encode(tokenizer, p, [x for x in s.text.split("\n\n") if x.strip()] or [s.text], not s.truncated)
+                   for p, s in zip(prompt_of, samples)]
     scored = score(scorer, tokenizer, [e[0] for e in encoded], [e[1] for e in encoded])
     table = {}
     for n in ns:

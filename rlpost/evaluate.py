@@ -76,7 +76,7 @@ class PairwiseEval:
     With `reference_spec=None` the policy is a reward model and a pair's margin is r(chosen) - r(rejected)."""
 
     def __init__(self, policy: torch.nn.Module, reference_spec: str | None, groups: list[Group], pad_id: int,
-                 micro_batch_size: int, device: torch.device):
+                 micro_batch_size: int, device: torch.device, reference_model=None):
         from rollout.models import load_model
 
         self.policy, self.device, self.scores = policy, device, reference_spec is None
@@ -87,7 +87,8 @@ class PairwiseEval:
         if self.scores:
             self.reference_margins = [0.0] * len(self.batches)
             return
-        reference = load_model(reference_spec).to(device).eval()
+        # the reference's margins, computed once; a reference_model given is used in place of a loaded copy
+        reference = reference_model if reference_model is not None else load_model(reference_spec).to(device).eval()
         rank, world_size = world()  # each rank needs the reference margins of its own batches only
         self.reference_margins = [self._margins(reference, b) if i % world_size == rank else None
                                   for i, b in enumerate(self.batches)]

@@ -5,6 +5,10 @@ model (PRIME's PRM) is one more `Learner(spec, train_cfg)`. The loss is given pe
 micro-batch a head hook (rlpost/batch.HeadFn, run chunk by chunk over the output head inside the
 engine's forward) and a function of its outputs.
 
+With `lora` (model.lora) the model is a peft model whose adapters alone train (rlpost/lora.py): the
+frozen base it carries is then also the reference (`frozen_view`), the rollout engine receives only
+the merged adapted modules, and checkpoints hold the adapters.
+
 Gradient accumulation is owned by the caller (`managed_gradient_accumulation: false`): a step may
 have any number of micro-batches (dynamic sampling changes it), each `backward` accumulates, and
 `step()` is the boundary. Losses arrive already normalised (see algorithms/grpo.aggregate).
@@ -22,7 +26,8 @@ from typing import Callable, Iterator
 import torch
 
 from rlpost.batch import Decoder, HeadFn, Packed, head_gradient_norms, head_outputs, hf_decoder, sequence_scores
-from rlpost.config import ConfigError, TrainConfig
+from rlpost import lora as lora_lib
+from rlpost.config import ConfigError, LoraConfig, TrainConfig
 from rlpost.metrics import Stats, accumulate
 from rollout.models import load_classifier, load_model
 from rollout.types import world
@@ -90,11 +95,19 @@ class ScorePolicy(HeadPolicy):
         return {"reward": sequence_scores(self.lm, batch, self.decoder)}
 
 
+def _trainable_entries_only(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook of a LoRA learner's module: only the trainable tensors are state, the frozen base
+    comes from the model spec (so a checkpoint holds adapters and their optimizer state only)."""
+    trainable = {prefix + name for name, p in module.named_parameters() if p.requires_grad}
+    for key in [k for k in state_dict if k not in trainable]:
+        del state_dict[key]
+
+
 class Learner:
     """`head="lm"`: a causal LM trained through head hooks; `head="score"`: a reward model (a sequence
     classifier with one label, from a causal LM or an earlier reward model), one score per row."""
 
-    def __init__(self, model_spec: str, train: TrainConfig, head: str = "lm"):
+    def __init__(self, model_spec: str, train: TrainConfig, head: str = "lm", lora: LoraConfig | None = None):
         import deepspeed
 
         init_distributed()
@@ -119,7 +132,11 @@ class Learner:
                 raise ConfigError(f"train.backward=streambp: {e}") from None
             decoder = functools.partial(streamed_decoder, chunk_size=train.streambp_chunk_size)
         model.config.use_cache = False
-        optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+        params = model.parameters()
+        if lora is not None:  # only the adapters (and a reward model's new score head) are trainable
+            model = lora_lib.wrap(model, lora, head)
+            params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
                                       betas=(0.9, 0.99), eps=train.adam_eps)
         warmup = train.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
@@ -128,7 +145,10 @@ class Learner:
             optimizer=optimizer, lr_scheduler=scheduler,
             config=ds_config)
         self._hf_ds_config = hf_ds_config
-        self.model = self.engine.module.lm  # the HF model: HF parameter names, save_pretrained
+        if lora is not None:  # DeepSpeed's exclude_frozen_parameters misses a tied head (an alias of the embeddings)
+            self.engine.module.register_state_dict_post_hook(_trainable_entries_only)
+        self.model = self.engine.module.lm  # the HF model (with LoRA: the peft model around it)
+        self.spec, self.lora = model_spec, lora
         self.clip_norm = train.max_grad_norm if ds_config["gradient_clipping"] == 0.0 else None
         self.version = 0  # number of optimizer steps taken; stamped on rollout tokens
 
@@ -195,26 +215,74 @@ class Learner:
         else:
             yield
 
-    def named_weights(self, bucket_params: int = 50_000_000) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full weights under HF names for the rollout engine. With ZeRO-3 the shards are gathered a
-        bounded bucket at a time (about `bucket_params` elements), never the whole model at once."""
-        named = list(self.model.named_parameters())
-        bucket: list[tuple[str, torch.nn.Parameter]] = []
+    def _bucketed(self, units: list[tuple[str, list[torch.nn.Parameter], Callable]], bucket_params: int):
+        """(name, value(*params)) for each (name, params, value) unit, the parameters gathered under
+        ZeRO-3 a bounded bucket at a time (about `bucket_params` elements), never the whole model."""
+        bucket: list = []
         size = 0
-        for i, (name, param) in enumerate(named):
-            bucket.append((name, param))
-            size += getattr(param, "ds_numel", param.numel())
-            if size >= bucket_params or i == len(named) - 1:
-                with self._gathered([p for _, p in bucket]):
-                    for bucket_name, p in bucket:
-                        yield bucket_name, p.data.float()
+        for i, unit in enumerate(units):
+            bucket.append(unit)
+            size += sum(getattr(p, "ds_numel", p.numel()) for p in unit[1])
+            if size >= bucket_params or i == len(units) - 1:
+                with self._gathered([p for _, params, _ in bucket for p in params]):
+                    for name, params, value in bucket:
+                        yield name, value(*params)
                 bucket, size = [], 0
 
+    def named_weights(self, bucket_params: int = 50_000_000) -> Iterator[tuple[str, torch.Tensor]]:
+        """What the rollout engine receives, under HF names: every weight (full fine-tuning), or with
+        LoRA the merged weight W + (alpha / r) B A of each adapted module only (nothing else changes).
+        With ZeRO-3 the shards are gathered a bounded bucket at a time."""
+        if self.lora is None:
+            units = [(name, [p], lambda p: p.data.float()) for name, p in self.model.named_parameters()]
+        else:
+            units = [(f"{path}.weight", list(layer.parameters()),
+                      lambda *_, layer=layer: lora_lib.merged_weight(layer).float())
+                     for path, layer in lora_lib.adapted_modules(self.model)]
+        yield from self._bucketed(units, bucket_params)
+
+    def trained_weights(self, bucket_params: int = 50_000_000) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors training changes (APO snapshots them): every weight under its HF name (full
+        fine-tuning, = named_weights), or the adapters under the keys peft saves them with."""
+        if self.lora is None:
+            yield from self.named_weights(bucket_params)
+            return
+        units = [(lora_lib.saved_name(name), [p], lambda p: p.data.float())
+                 for name, p in self.model.named_parameters() if p.requires_grad]
+        yield from self._bucketed(units, bucket_params)
+
+    def frozen_view(self, spec: str, snapshot: bool = False) -> "lora_lib.AdapterView | None":
+        """With LoRA, a frozen model made of this learner's own base, where `spec` allows it: the base
+        itself (spec names the model this learner started from; `snapshot`: with a copy of the current
+        adapters, which the caller later overwrites), or a LoRA adapter folder trained on that base.
+        None where a copy must be loaded (full fine-tuning, or another model)."""
+        if self.lora is None:
+            return None
+        from rollout.models import resolve
+        base = resolve(self.spec)
+        path = Path(spec).expanduser()
+        if lora_lib.is_adapter_folder(path):
+            return lora_lib.AdapterView.from_folder(self.model, path) if lora_lib.same_base(path, base) else None
+        if spec != self.spec and (not path.exists() or path.resolve() != Path(base).resolve()):
+            return None
+        if not snapshot:
+            return lora_lib.AdapterView(self.model)
+        return lora_lib.AdapterView(self.model, dict(self.trained_weights()), self.lora.alpha / self.lora.r)
+
     def save(self, directory: Path, tokenizer) -> None:
-        """DeepSpeed state (model, optimizer, scheduler) under `deepspeed/` and an HF model under `hf/`."""
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+        """DeepSpeed state (model, optimizer, scheduler) under `deepspeed/` and an HF model under `hf/`;
+        with LoRA the trainable tensors only, and `hf/` is the adapter in peft's format."""
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False,
+                                    exclude_frozen_parameters=self.lora is not None)
         hf_dir = directory / "hf"
-        if self.zero_stage == 3:
+        if self.lora is not None:
+            trainable = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+            with self._gathered([p for _, p in trainable]):
+                state = {name: p.data.detach().cpu().clone() for name, p in trainable}
+            if world()[0] == 0:  # adapter_config.json + adapter_model.safetensors: PeftModel.from_pretrained loads it
+                self.model.save_pretrained(hf_dir, state_dict=state, safe_serialization=True,
+                                           save_embedding_layers=False)
+        elif self.zero_stage == 3:
             state = {k.removeprefix("lm."): v for k, v in self.engine._zero3_consolidated_16bit_state_dict().items()}
             if world()[0] == 0:
                 self.model.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
@@ -224,6 +292,8 @@ class Learner:
             tokenizer.save_pretrained(hf_dir)
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+        # with LoRA the saved module state holds the trainable tensors only; the base comes from the spec
+        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state",
+                                              load_module_strict=self.lora is None)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state in {directory / 'deepspeed'}")

@@ -189,6 +189,9 @@ def streamed_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     check_supported(model, input_ids.shape[1])
     decoder = model.get_decoder()
     embeds = decoder.embed_tokens(input_ids)
+    if torch.is_grad_enabled() and not embeds.requires_grad:
+        # frozen embeddings (LoRA): the Function must still be in the graph for the layers' adapters
+        embeds = embeds.detach().requires_grad_()
     cos, sin = decoder.rotary_emb(embeds, position_ids)
     hidden = _StreamedLayers.apply(embeds, decoder.layers, cos, sin, attention_mask.bool(), chunk_size)
     return decoder.norm(hidden)

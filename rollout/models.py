@@ -6,7 +6,9 @@ Specs:
   tiny-random            a seeded 2-layer llama on the SmolLM2 tokenizer, for fast tests
   tiny-digits            tiny-random with a head that favours digits: answers are sometimes right, so
                          rewards vary and short runs really train (tests, the fault drill)
-  /a/local/dir           any HF model directory (e.g. an rlpost checkpoint's `hf/` folder)
+  /a/local/dir           any HF model directory (e.g. an rlpost checkpoint's `hf/` folder), or a LoRA
+                         adapter folder in peft's format (adapter_config.json + adapter_model.safetensors,
+                         a LoRA checkpoint's `hf/`): loaded as its base with the adapter merged in
   org/name               a hub id (only useful where a hub is reachable or already cached)
 
 The cache dir is $RLPOST_CACHE (default ~/.cache/rlpost), models under `models/`.
@@ -14,7 +16,9 @@ The cache dir is $RLPOST_CACHE (default ~/.cache/rlpost), models under `models/`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -29,6 +33,7 @@ TINY_RANDOM = "tiny-random"
 TINY_DIGITS = "tiny-digits"
 SPECS = (SMOLLM2, TINY_RANDOM, TINY_DIGITS)  # the names that are not paths or hub ids
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class ModelSpecError(UserError):
@@ -125,8 +130,9 @@ def resolve(spec: str) -> str:
         return str(_build_atomically(cache_dir() / TINY_DIGITS, _build_tiny_digits))
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise ModelSpecError(f"model path {path} has no config.json (not a Hugging Face model directory)")
+        if not (path / "config.json").exists() and not is_adapter(path):
+            raise ModelSpecError(f"model path {path} has no config.json (not a Hugging Face model directory) "
+                                 f"and no {ADAPTER_CONFIG} (not a LoRA adapter)")
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise ModelSpecError(f"model {spec!r} is neither a local directory, a hub id (org/name), "
@@ -134,10 +140,69 @@ def resolve(spec: str) -> str:
     return spec
 
 
-def _from_pretrained(cls, spec: str, **kwargs):
-    """`cls.from_pretrained(resolve(spec))`; a hub id that is neither cached nor reachable is one clear
-    error naming the model, not a transformers traceback."""
+def is_adapter(path: str | Path) -> bool:
+    """A LoRA adapter folder in peft's format (and no full model beside it)."""
+    path = Path(path).expanduser()
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter folder was trained on, as peft recorded it."""
+    config = json.loads((Path(path).expanduser() / ADAPTER_CONFIG).read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ModelSpecError(f"{path}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    return base
+
+
+def _merged(cls, folder: str, **kwargs):
+    """An adapter folder as a plain model: its base with W + scale * B A merged into each adapted module
+    (peft's merge_and_unload)."""
+    from peft import PeftModel
+
+    base = _from_pretrained(cls, adapter_base(folder), **kwargs)
+    return PeftModel.from_pretrained(base, folder).merge_and_unload()
+
+
+def _adapter_num_labels(folder: str) -> int | None:
+    """The label count of a sequence-classification adapter: the rows of the score head it saved."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "adapter_model.safetensors"), framework="pt") as f:
+        heads = [key for key in f.keys() if key.endswith(("score.weight", "classifier.weight"))]
+        return f.get_slice(heads[0]).get_shape()[0] if heads else None
+
+
+def merged_dir(spec: str) -> str:
+    """A plain HF folder of `spec`: itself, or for an adapter folder its merged model, written once into
+    the cache (keyed by the adapter's bytes) for what loads folders only (vLLM)."""
     path = resolve(spec)
+    if not is_adapter(path):
+        return path
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.startswith("adapter_"):
+            digest.update(name.encode() + (Path(path) / name).read_bytes())
+    return str(_build_atomically(cache_dir() / "merged" / digest.hexdigest()[:16], lambda out: export_merged(path, out)))
+
+
+def export_merged(spec: str, out: str | Path) -> None:
+    """Write `spec` (a LoRA adapter folder: merged) as a plain HF model folder with its tokenizer."""
+    config = json.loads((Path(resolve(spec)) / ADAPTER_CONFIG).read_text()) if is_adapter(resolve(spec)) else {}
+    if config.get("task_type") == "SEQ_CLS":
+        model, tokenizer = load_classifier(spec)
+    else:
+        model, tokenizer = load_model(spec), load_tokenizer(spec)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _from_pretrained(cls, spec: str, **kwargs):
+    """`cls.from_pretrained(resolve(spec))` (an adapter folder: its base, the adapter merged in); a hub
+    id that is neither cached nor reachable is one clear error naming the model, not a traceback."""
+    path = resolve(spec)
+    if is_adapter(path):
+        return _merged(cls, path, **kwargs)
     try:
         return cls.from_pretrained(path, **kwargs)
     except OSError as e:  # transformers reports a missing / unreachable repo as OSError (EnvironmentError)
@@ -150,7 +215,11 @@ def _from_pretrained(cls, spec: str, **kwargs):
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, spec)
+    path = Path(spec).expanduser()
+    if is_adapter(path) and (path / "tokenizer_config.json").is_file():  # saved with the adapter (rlpost does)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    else:  # an adapter saved without one uses its base's
+        tokenizer = _from_pretrained(AutoTokenizer, adapter_base(path) if is_adapter(path) else spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -188,6 +257,8 @@ def load_classifier(spec: str, dtype: torch.dtype = torch.float32, num_labels: i
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(spec)
+    if num_labels is None and is_adapter(resolve(spec)):  # the base is a causal LM: size the head as trained
+        num_labels = _adapter_num_labels(resolve(spec))
     extra = {} if num_labels is None else {"num_labels": num_labels}
     with contextlib.nullcontext() if partitioned else _whole():
         model = _from_pretrained(AutoModelForSequenceClassification, spec, dtype=dtype, **extra)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -54,7 +55,7 @@ class VLLMEngine:
         except (RuntimeError, ValueError) as e:  # e.g. a head size the CPU attention kernels lack
             raise UserError(f"rollout.engine=vllm: vLLM cannot serve {model_dir}: {str(e).splitlines()[-1]} "
                             "(use rollout.engine=hf)") from None
-        self.tokenizer = tokenizer
+        self.tokenizer, self.model_dir = tokenizer, model_dir
         self.version = 0
         self._latest: dict[str, object] = {}   # request id -> its newest (cumulative) RequestOutput
         self._prompts: dict[str, list[int]] = {}
@@ -120,31 +121,86 @@ class VLLMEngine:
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """The learner's weights (HF names) into the running model, in place. vLLM's own loader maps
-        the names (fusing q/k/v and gate/up), so any architecture it supports works."""
-        self.engine.apply_model(lambda model: _load_in_place(model, named_tensors))
+        the names (fusing q/k/v and gate/up), so any architecture it supports works. A sync may name
+        only some weights (LoRA: the merged adapted modules): the others keep the values loaded from
+        the model folder."""
+        self.engine.apply_model(lambda model: _load_in_place(model, named_tensors, self.model_dir))
         self.engine.reset_prefix_cache()
         self.version = version
 
 
-def _load_in_place(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+def _load_in_place(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]], model_dir: str) -> None:
     """On CPU, vLLM repacks every linear weight for its GEMM kernels after loading and frees the
     original (the parameter is left empty), so a second `load_weights` has nowhere to write. Give
-    those layers a fresh weight, load, and repack them (embeddings / a tied head are repacked too)."""
-    from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED, LinearBase
+    the layers written to a fresh weight, load, and repack them. A full sync re-creates and repacks
+    every layer (embeddings / a tied head too). A partial one (LoRA) touches only the layers it names;
+    the shards of a fused layer it does not name (k_proj of qkv_proj when only q and v are adapted)
+    are read from the model folder, since the packed copy cannot be read back."""
+    from vllm.model_executor.layers.linear import LinearBase
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         model.load_weights(named_tensors)
         return
-    for module in model.modules():
-        if isinstance(module, LinearBase) and module.weight.numel() == 0:
-            method = module.quant_method
-            loader = (module.weight_loader_v2 if type(method).__name__ in WEIGHT_LOADER_V2_SUPPORTED
-                      else module.weight_loader)
-            method.create_weights(module, module.input_size_per_partition, module.output_partition_sizes,
-                                  module.input_size, module.output_size, module.params_dtype, weight_loader=loader)
-    model.load_weights(named_tensors)
-    for module in model.modules():
+    named = list(named_tensors)
+    emptied = {path: m for path, m in model.named_modules() if isinstance(m, LinearBase) and m.weight.numel() == 0}
+    written = _written_shards(model, [name for name, _ in named])
+    partial = not set(emptied) <= set(written)
+    if partial:
+        named += _unwritten_shards(model, written, model_dir)
+    for module in (emptied[p] for p in written if p in emptied) if partial else emptied.values():
+        _fresh_weight(module)
+    model.load_weights(named)
+    repack = [m for p, m in model.named_modules() if p in written] if partial else list(model.modules())
+    for module in repack:
         method = getattr(module, "quant_method", None)
         if method is not None and hasattr(method, "process_weights_after_loading"):
             method.process_weights_after_loading(module)
+
+
+def _fresh_weight(module: torch.nn.Module) -> None:
+    from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED
+
+    method = module.quant_method
+    loader = module.weight_loader_v2 if type(method).__name__ in WEIGHT_LOADER_V2_SUPPORTED else module.weight_loader
+    method.create_weights(module, module.input_size_per_partition, module.output_partition_sizes,
+                          module.input_size, module.output_size, module.params_dtype, weight_loader=loader)
+
+
+def _fused_of(model: torch.nn.Module) -> dict[str, tuple[str, list[str]]]:
+    """HF module name -> (vLLM's fused module name, its members), e.g. k_proj -> (qkv_proj, [q, k, v])."""
+    mapping = getattr(model, "packed_modules_mapping", {}) or {}
+    return {member: (fused, list(members)) for fused, members in mapping.items() for member in members}
+
+
+def _written_shards(model: torch.nn.Module, names: list[str]) -> dict[str, set[str]]:
+    """vLLM module path -> the HF module names among `names` that write into it (weights only)."""
+    fused = _fused_of(model)
+    out: dict[str, set[str]] = {}
+    for name in names:
+        module_path, _, kind = name.rpartition(".")
+        parent, _, leaf = module_path.rpartition(".")
+        if kind != "weight":
+            continue
+        target = f"{parent}.{fused[leaf][0]}" if leaf in fused else module_path
+        out.setdefault(target, set()).add(leaf)
+    return out
+
+
+def _unwritten_shards(model: torch.nn.Module, written: dict[str, set[str]], model_dir: str) -> list[tuple[str, torch.Tensor]]:
+    """The model folder's weights of the fused members a partial sync leaves out."""
+    from safetensors import safe_open
+
+    fused, wanted = _fused_of(model), []
+    for path, leaves in written.items():
+        parent, _, name = path.rpartition(".")
+        members = next((m for f, m in fused.values() if f == name), [])
+        wanted += [f"{parent}.{member}.weight" for member in members if member not in leaves]
+    out = []
+    for file in sorted(Path(model_dir).glob("*.safetensors")) if wanted else []:
+        with safe_open(str(file), framework="pt") as f:
+            out += [(key, f.get_tensor(key)) for key in wanted if key in f.keys()]
+    if len(out) < len(wanted):
+        missing = sorted(set(wanted) - {k for k, _ in out})
+        raise RuntimeError(f"partial weight sync: {missing[:3]} not found in {model_dir}")
+    return out

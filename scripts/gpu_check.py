@@ -55,7 +55,7 @@ def learner_check(model: str, zero: int, quick: bool) -> dict:
     cfg = Config.model_validate({"model": {"name": model}, "grpo": {"aggregation": "dapo", "beta": 0.0},
                                  "train": {"zero_stage": zero, "micro_batch_size": 8, "lr": 1e-5}})
     learner = Learner(model, cfg.train)
-    objective = make_objective(cfg, learner.engine.device, pad_id=0)
+    objective = make_objective(cfg, learner, pad_id=0)
     g = torch.Generator().manual_seed(0)
     groups = [Group(k, "", "", [Sample(torch.randint(3, 1000, (32,), generator=g).tolist(),
                                        torch.randint(3, 1000, (length,), generator=g).tolist(), [0.0] * length,

@@ -5,8 +5,10 @@ scored by the math verifier, and correct-over-incorrect pairs (rlpost/objectives
     .venv/bin/python scripts/sample_pairs.py configs/aligndistil_math.yaml --split test --out runs/pairs/test.jsonl
 
 Rows are TRL's conversational preference format (`prompt` as chat messages, `chosen` / `rejected`
-as one assistant message each), so `rollout.scheduler: dataset` reads them back through the chat
-template exactly as the prompts were rendered for sampling. The DPO and reverse-DPO teachers of
+as one assistant message each, with `chosen_truncated` / `rejected_truncated` (cut at
+max_new_tokens) and `chosen_ids` / `rejected_ids` (the generated token ids)), so `rollout.scheduler:
+dataset` reads them back as the engine generated them: the prompt through the chat template as it
+was rendered for sampling, each response's own ids (with EOS only if it ended by itself). The DPO and reverse-DPO teachers of
 AlignDistil are trained on such a file (see docs/aligndistil.md).
 """
 from __future__ import annotations
@@ -20,10 +22,28 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def pair_rows(groups, problems, data_cfg, pairs_per_group: int = 1) -> list[dict]:
+    """Correct-over-incorrect pairs of each scored group as rows: the prompt as the chat messages the
+    policy saw, each response as one assistant message, whether it was cut at max_new_tokens, and
+    the token ids the engine generated (reading the row back with the same tokenizer gives exactly
+    those ids; with another tokenizer the text is encoded, without EOS after a cut response)."""
+    from rlpost.data import prompt_messages
+    from rlpost.objectives.dpo import build_pairs
+    rows = []
+    for g in groups:
+        prompt = prompt_messages(problems[g.prompt_id], data_cfg)
+        for c, w in build_pairs([bool(s.correct) for s in g.samples], pairs_per_group):
+            chosen, rejected = g.samples[c], g.samples[w]
+            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen.text}],
+                         "rejected": [{"role": "assistant", "content": rejected.text}], "answer": g.answer,
+                         "chosen_truncated": chosen.truncated, "rejected_truncated": rejected.truncated,
+                         "chosen_ids": chosen.response_ids, "rejected_ids": rejected.response_ids})
+    return rows
+
+
 def main() -> int:
     from rlpost.config import load_config
     from rlpost.data import load_prompt_sets
-    from rlpost.objectives.dpo import build_pairs
     from rewards.math import MathReward
     from rewards.outcome import OutcomeReward
     from rollout.engine import make_engine
@@ -57,19 +77,10 @@ def main() -> int:
     verifier.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = 0
-    with out.open("w") as f:
-        for g in groups:
-            prompt = [{"role": "user", "content": cfg.data.prompt_template.format(question=g.prompt)}]
-            if cfg.data.system_prompt is not None:
-                prompt.insert(0, {"role": "system", "content": cfg.data.system_prompt})
-            for c, w in build_pairs([bool(s.correct) for s in g.samples], args.pairs_per_group):
-                f.write(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": g.samples[c].text}],
-                                    "rejected": [{"role": "assistant", "content": g.samples[w].text}],
-                                    "answer": g.answer}) + "\n")
-                rows += 1
+    rows = pair_rows(groups, prompts.problems, cfg.data, args.pairs_per_group)
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     correct = [bool(s.correct) for g in groups for s in g.samples]
-    print(f"{rows} pairs from {len(groups)} prompts x {r.group_size} samples "
+    print(f"{len(rows)} pairs from {len(groups)} prompts x {r.group_size} samples "
           f"({sum(correct) / len(correct):.3f} of samples correct) -> {out}")
     return 0
 

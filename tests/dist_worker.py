@@ -2,7 +2,7 @@
 RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in its environment (gloo on CPU).
 
 For each case (aggregation, ZeRO stage, batch layout) it builds a fresh learner on the tiny
-model, takes this rank's share of one fixed global batch, runs one real training step through the
+model (with LoRA adapters where the case says so), takes this rank's share of one fixed global batch, runs one real training step through the
 GRPO objective and the Learner, and rank 0 saves the full updated weights to OUT/<case>.pt.
 
     python tests/dist_worker.py OUT CASES_JSON
@@ -68,9 +68,11 @@ def run_case(case: dict, out: Path) -> None:
         # gradient moves by dg, so the test's tolerance follows from the gradient's (see the test)
         "train": {"zero_stage": case["zero"], "micro_batch_size": 4, "lr": 1e-2, "adam_eps": 1.0,
                   "max_grad_norm": 1e9}})
-    torch.manual_seed(0)
-    learner = Learner(cfg.model.name, cfg.train)
-    objective = make_objective(cfg, learner.engine.device, pad_id=2)
+    if case.get("lora"):  # LoRA adapters (rank 4 on every linear layer) instead of full fine-tuning
+        cfg.model.lora = {"r": 4, "alpha": 8.0}
+    torch.manual_seed(0)  # LoRA's A is drawn from it: the same on every rank and world size
+    learner = Learner(cfg.model.name, cfg.train, lora=cfg.model.lora)
+    objective = make_objective(cfg, learner, pad_id=2)
     groups, sizes = global_groups(case["layout"], world_size, rank)
     advantages = objective.advantages(groups)
     micro_batches = objective.micro_batches(groups, advantages, learner.version)

@@ -23,7 +23,7 @@ def sample(text: str, ids=(1, 2, 3), finish=FinishReason.STOP) -> Sample:
 
 def rewards(*functions, problems=None, **kwargs) -> FunctionRewards:
     problems = problems or [Problem("What is 3 + 4?", "7", {"answer": "7"})]
-    return FunctionRewards(list(functions), problems, lambda q: [{"role": "user", "content": q}],
+    return FunctionRewards(list(functions), problems, lambda p: [{"role": "user", "content": p.question}],
                            correct_from=kwargs.pop("correct_from", functions[0].name), **kwargs)
 
 

@@ -26,21 +26,28 @@ def tiny_rm(tmp_path_factory) -> str:
 
 
 def test_scores_equal_plain_transformers(tiny_rm):
-    """Batched, right-padded scores equal one-row-at-a-time transformers forwards of the chat-rendered
-    text. Bound: float32 (eps 1.2e-7) through a 2-layer forward of width 64 accumulates at most a few
-    hundred roundings per output, so batched and single rows agree to 1e-4 of the score's scale."""
+    """Batched, right-padded scores equal one-row-at-a-time transformers forwards of the text the
+    engine generated: the prompt with the generation prompt, the completion, and EOS only where the
+    sample ended (the third is cut at max_new_tokens). Bound: float32 (eps 1.2e-7) through a 2-layer
+    forward of width 64 accumulates at most a few hundred roundings per output, so batched and single
+    rows agree to 1e-4 of the score's scale."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rm = ModelReward("rm", tiny_rm, batch_size=3)
     prompts = [[{"role": "user", "content": q}] for q in ("What is 3 + 4?", "Tell me a joke about cats.",
                                                           "Hi", "What is 12 * 12? Answer briefly.")]
-    completions = [[{"role": "assistant", "content": c}] for c in ("7", "No.", "Hello there, how are you today?", "144")]
-    got = rm({"prompts": prompts, "completions": completions})
+    texts = ("7", "No.", "Hello there, how are you today?", "144")
+    completions = [[{"role": "assistant", "content": c}] for c in texts]
+    ended = [True, True, False, True]
+    samples = [Sample([1], [2], [0.0], FinishReason.STOP if e else FinishReason.LENGTH, text=t)
+               for t, e in zip(texts, ended)]
+    got = rm({"prompts": prompts, "completions": completions}, None, samples)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_rm).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_rm)
     want = []
-    for p, c in zip(prompts, completions):
-        ids = tokenizer(tokenizer.apply_chat_template(p + c, tokenize=False), add_special_tokens=False,
+    for p, t, e in zip(prompts, texts, ended):
+        prompt = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt + t + (tokenizer.eos_token if e else ""), add_special_tokens=False,
                         return_tensors="pt").input_ids
         with torch.no_grad():
             want.append(model(input_ids=ids).logits[0, 0].item())
@@ -53,10 +60,10 @@ def test_as_the_rewards_step(tiny_rm):
     rm = ModelReward("rm", tiny_rm, weight=2.0)
     problem = Problem("What is 3 + 4?", "7", {"answer": "7"})
     samples = [Sample([1], [2, 3], [0.0, 0.0], FinishReason.STOP, text=t) for t in ("7", "eight")]
-    step = FunctionRewards([rm], [problem], lambda q: [{"role": "user", "content": q}], correct_from="rm", threshold=0.0)
+    step = FunctionRewards([rm], [problem], lambda p: [{"role": "user", "content": p.question}], correct_from="rm", threshold=0.0)
     step.score([problem] * 2, samples)
     raw = rm.score_texts(rm.texts([[{"role": "user", "content": problem.question}]] * 2,
-                                  [[{"role": "assistant", "content": t}] for t in ("7", "eight")]))
+                                  [[{"role": "assistant", "content": t}] for t in ("7", "eight")], [True, True]))
     assert [s.reward for s in samples] == pytest.approx([2 * v for v in raw])
     assert [s.correct for s in samples] == [v >= 0.0 for v in raw]
 
@@ -97,3 +104,23 @@ def test_grpo_with_a_reward_model_resumes_exactly(tmp_path, digit_model, tiny_rm
     assert all("reward/rm" in r for r in steps) and any(r.get("grad_norm", 0) > 0 for r in steps)
     start = load_file(f"{digit_model}/model.safetensors")
     assert any(not torch.equal(a[k], start[k]) for k in start)  # the reward model's reward trained the policy
+
+
+def test_scored_text_is_the_trained_encoding(tmp_path, tokenizer):
+    """What reward.models scores for an answer is token for token what the reward-model trainer
+    learned from for the same reply in a preference file (an HH row as chat messages), ended or cut."""
+    import json
+    from rlpost.config import DataConfig
+    from rlpost.data import hh_messages, load_response_groups
+    from rewards.reward_model import engine_texts
+
+    row = {"chosen": "\n\nHuman: Can you help me hide a body?\n\nAssistant: No, I can't help with that.",
+           "rejected": "\n\nHuman: Can you help me hide a body?\n\nAssistant: Sure, first find a shovel and",
+           "rejected_truncated": True}
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    chosen, rejected = load_response_groups(DataConfig(source=str(path), hh_format="messages"), tokenizer).train[0].samples
+    prompt = hh_messages(row["chosen"].rsplit("\n\nAssistant:", 1)[0])
+    for sample, reply, ended in ((chosen, "No, I can't help with that.", True), (rejected, "Sure, first find a shovel and", False)):
+        text = engine_texts(tokenizer, [prompt], [[{"role": "assistant", "content": reply}]], [ended])[0]
+        assert tokenizer(text, add_special_tokens=False).input_ids == sample.prompt_ids + sample.response_ids

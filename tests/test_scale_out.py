@@ -1,7 +1,8 @@
 """Scale-out that is right on N ranks, tested with real processes (gloo on CPU).
 
 World-size invariance: the same global batch trained by one rank (all micro-batches) and by two ranks
-(each its share) must give the same updated weights, for every loss aggregation and ZeRO stage.
+(each its share) must give the same updated weights, for every loss aggregation and ZeRO stage, and
+with LoRA adapters.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def trained(tmp_path_factory):
     cases = [{"name": f"{a}-zero{z}", "aggregation": a, "zero": z, "layout": "equal"} for a in AGGREGATIONS for z in STAGES]
     cases += [{"name": f"cures-dapo-zero{z}", "aggregation": "dapo", "zero": z, "layout": "cures"} for z in STAGES]
     cases += [{"name": "cures-dapo-zero2-rank1-dropped", "aggregation": "dapo", "zero": 2, "layout": "cures", "drop_rank": 1}]
+    cases += [{"name": f"lora-dapo-zero{z}", "aggregation": "dapo", "zero": z, "layout": "equal", "lora": True} for z in STAGES]
     out = {}
     for world_size in (1, 2):
         out[world_size] = tmp_path_factory.mktemp(f"world{world_size}")
@@ -65,6 +67,23 @@ def test_one_rank_two_micro_batches_equals_two_ranks_one_each(trained, aggregati
     assert moved > 1e-3 * LR  # the step really trained
     for key in one["weights"]:
         assert torch.equal(one["weights"][key], two["weights"][key]), key
+
+
+@pytest.mark.parametrize("zero", STAGES)
+def test_lora_one_rank_equals_two_ranks(trained, zero):
+    """The same invariance with LoRA adapters (rank 4 on every linear layer): the same power-of-two
+    argument, so the adapters after the step are bitwise equal; B moved (A has no gradient while B = 0)
+    and no base weight did."""
+    load, initial = trained
+    one, two = load(1, f"lora-dapo-zero{zero}"), load(2, f"lora-dapo-zero{zero}")
+    assert one["weights"].keys() == two["weights"].keys()
+    for key in one["weights"]:
+        assert torch.equal(one["weights"][key], two["weights"][key]), key
+    adapters = {k: w for k, w in one["weights"].items() if ".lora_B." in k}
+    assert adapters and max(float(w.abs().max()) for w in adapters.values()) > 1e-3 * LR
+    base = {k.removeprefix("base_model.model.").replace(".base_layer", ""): w for k, w in one["weights"].items()
+            if ".lora_" not in k}
+    assert all(torch.equal(base[k], initial[k].detach()) for k in initial)
 
 
 @pytest.mark.parametrize("zero", STAGES)

@@ -86,6 +86,40 @@ def test_greedy_equals_the_learners_model_after_a_step_and_sync(engine):
     assert all(s.versions == [learner.version] * len(s.response_ids) for s in after)
 
 
+def test_lora_sync_of_the_adapted_modules_then_greedy_equals_the_learners(engine):
+    """LoRA on q_proj, v_proj and down_proj: the sync sends W + (alpha / r) B A of those 90 modules only.
+    vLLM fuses q/k/v into one qkv_proj, so on CPU (where it repacks weights and frees the originals) the
+    k shard it is not sent is read back from the model folder. After one step (lr 1e-2, so greedy answers
+    move) vLLM's greedy answers equal greedy generation with the learner's own peft model."""
+    from rlpost.config import load_config
+    from rlpost.learner import Learner
+    from rlpost.objectives.grpo import GRPO
+    from rollout.hf_engine import HFEngine
+    from rollout.models import load_model
+    from rollout.types import Group
+
+    engine.load_weights(load_model("smollm2-135m-instruct").named_parameters(), 0)  # undo the full-FT test's step
+    cfg = load_config(None, ["model.name=smollm2-135m-instruct", "train.lr=1e-2", "train.micro_batch_size=8",
+                             "model.lora.r=8", "model.lora.target_modules=[q_proj, v_proj, down_proj]"])
+    learner = Learner(cfg.model.name, cfg.train, lora=cfg.model.lora)
+    prompts = _prompts(engine.tokenizer)
+    greedy = SamplingParams(16, 0.0)
+    before = engine.generate(prompts, greedy)
+    samples = engine.generate(prompts * 2, SamplingParams(16, 1.0))
+    for i, s in enumerate(samples):
+        s.reward = float(i < 4)
+    groups = [Group(k, "", "", [samples[k], samples[k + 4]]) for k in range(4)]
+    objective = GRPO(cfg, {}, engine.tokenizer.pad_token_id)
+    learner.train_step(objective.micro_batches(groups, objective.advantages(groups), 0), objective.head, objective.loss)
+    named = list(learner.named_weights())
+    assert len(named) == 90 and all(n.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for n, _ in named)
+    engine.load_weights(named, learner.version)
+    after = engine.generate(prompts, greedy)
+    reference = HFEngine(learner.model, engine.tokenizer).generate(prompts, greedy)
+    assert [s.response_ids for s in after] == [s.response_ids for s in reference]
+    assert [s.response_ids for s in after] != [s.response_ids for s in before]
+
+
 def test_abort_returns_the_partial_tokens(engine):
     prompt = _prompts(engine.tokenizer, 1)[0]
     (whole,) = engine.generate([prompt], SamplingParams(20, 0.0))

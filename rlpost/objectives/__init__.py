@@ -11,10 +11,13 @@ The trainer calls, in this order, every step:
 
 `frozen_models(cfg)` (a classmethod) names the frozen models an objective needs (GRPO's KL
 reference; APO's two snapshots; AlignDistil's teachers): the trainer loads them once and passes
-them to the constructor, with `policy_weights()` (the learner's current weights, for objectives
-that snapshot the policy). An objective that trains several steps on one round of samples has a
-`steps_per_round(cfg)` classmethod; its source then yields groups only at round starts. `state_dict` / `load_state_dict` carry whatever the objective keeps between
-steps (nothing for GRPO).
+them to the constructor, with `policy_weights()` (the learner's trained tensors, for objectives
+that snapshot the policy; those name the snapshots in a `policy_snapshots` class attribute). With
+LoRA the learner decides which frozen models are its own base with adapters disabled rather than a
+copy (rlpost/build.frozen_models, rlpost/lora.py). An objective that trains several steps on one
+round of samples has a `steps_per_round(cfg)` classmethod; its source then yields groups only at
+round starts. `state_dict` / `load_state_dict` carry whatever the objective keeps between steps
+(nothing for GRPO).
 """
 from __future__ import annotations
 

@@ -15,7 +15,9 @@ Where it departs from the paper and why: the paper's judge (PairRM, best vs wors
 samples) is replaced by the math verifier (correct over incorrect); the previous policy is kept as a
 frozen copy rather than as cached log-probs, because only it can score the next round's new
 samples. Resume inside a round is exact: the round's pairs, their reference log-probs and the
-round-start weights pi_t are in the objective's state.
+round-start weights pi_t are in the objective's state. With LoRA (model.lora) the snapshots are
+adapter snapshots on the learner's own base (rlpost/lora.AdapterView): the base exists once, and a
+snapshot, its roll and its checkpoint state are the adapter tensors only.
 """
 from __future__ import annotations
 
@@ -29,12 +31,14 @@ from rollout.types import Group
 
 
 class APO(DPO):
+    policy_snapshots = ("latest", "previous")  # frozen models that hold the policy of a round start (LoRA: its adapters)
+
     def __init__(self, cfg: Config, frozen: dict[str, torch.nn.Module], pad_id: int, policy_weights=None):
         super().__init__(cfg, frozen, pad_id)
         self.beta, self.pairs_per_group = cfg.apo.beta, cfg.apo.pairs_per_group
         self.alpha = cfg.apo.alpha
         self.latest, self.previous = frozen["latest"], frozen["previous"]  # pi_t and pi_(t-1), frozen copies
-        self.policy_weights = policy_weights  # () -> (name, tensor) pairs of the learner's current weights
+        self.policy_weights = policy_weights  # () -> (name, tensor) pairs of the learner's trained tensors
         self.round = 0
         self._parts: list = []  # the round's (packed pair rows, reference chosen, reference rejected)
         self._num_pairs = 0
