@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from rlpost.metrics import gather
+from rollout.models import is_model_folder
 from rollout.types import UserError, world
 
 STATE_FILE = "trainer_state.pt"
@@ -141,7 +142,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint not found: {path}")
     path = path.resolve()
     hf = path / "hf"
-    if not (path / STATE_FILE).is_file() or not ((hf / "config.json").is_file() or (hf / "adapter_config.json").is_file()):
+    if not (path / STATE_FILE).is_file() or not is_model_folder(hf):
         raise CheckpointError(f"{path} is not an rlpost checkpoint (expected {STATE_FILE} and hf/config.json, "
                               f"or hf/adapter_config.json for LoRA)")
     return path

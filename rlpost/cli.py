@@ -91,11 +91,11 @@ def _cmd_eval(args) -> int:
     from rlpost.checkpoint import resolve_checkpoint
     from rlpost.config import load_config
     from rollout.engine import make_engine
-    from rollout.models import SPECS, load_classifier, load_model, load_tokenizer
+    from rollout.models import SPECS, is_model_folder, load_classifier, load_model, load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     path = Path(args.checkpoint)
-    is_hf_folder = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()  # a model or an adapter
+    is_hf_folder = is_model_folder(path)  # a model or an adapter
     looks_like_path = args.checkpoint.startswith((".", "/", "~")) or args.checkpoint.count("/") != 1
     if not path.exists() and looks_like_path and args.checkpoint not in SPECS:
         raise UserError(f"--checkpoint {args.checkpoint}: no such checkpoint (a step dir, `latest`, a run dir, an HF "

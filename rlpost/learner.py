@@ -29,7 +29,7 @@ from rlpost.batch import Decoder, HeadFn, Packed, head_gradient_norms, head_outp
 from rlpost import lora as lora_lib
 from rlpost.config import ConfigError, LoraConfig, TrainConfig
 from rlpost.metrics import Stats, accumulate
-from rollout.models import load_classifier, load_model
+from rollout.models import is_adapter, load_classifier, load_model
 from rollout.types import world
 from rlpost.streambp import check_supported, streamed_decoder
 
@@ -103,6 +103,14 @@ def _trainable_entries_only(module: torch.nn.Module, state_dict: dict, prefix: s
         del state_dict[key]
 
 
+def _frozen_entries_not_missing(module: torch.nn.Module, incompatible) -> None:
+    """Load post-hook, the other half of the above: a checkpoint without the frozen base is complete,
+    one without an adapter tensor is not (torch's strict check reads the list after this hook)."""
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    frozen |= {n for n, _ in module.named_buffers(remove_duplicate=False)}  # not saved either
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
+
+
 class Learner:
     """`head="lm"`: a causal LM trained through head hooks; `head="score"`: a reward model (a sequence
     classifier with one label, from a causal LM or an earlier reward model), one score per row."""
@@ -147,6 +155,7 @@ class Learner:
         self._hf_ds_config = hf_ds_config
         if lora is not None:  # DeepSpeed's exclude_frozen_parameters misses a tied head (an alias of the embeddings)
             self.engine.module.register_state_dict_post_hook(_trainable_entries_only)
+            self.engine.module.register_load_state_dict_post_hook(_frozen_entries_not_missing)
         self.model = self.engine.module.lm  # the HF model (with LoRA: the peft model around it)
         self.spec, self.lora = model_spec, lora
         self.clip_norm = train.max_grad_norm if ds_config["gradient_clipping"] == 0.0 else None
@@ -261,7 +270,7 @@ class Learner:
         from rollout.models import resolve
         base = resolve(self.spec)
         path = Path(spec).expanduser()
-        if lora_lib.is_adapter_folder(path):
+        if is_adapter(path):
             return lora_lib.AdapterView.from_folder(self.model, path) if lora_lib.same_base(path, base) else None
         if spec != self.spec and (not path.exists() or path.resolve() != Path(base).resolve()):
             return None
@@ -292,8 +301,8 @@ class Learner:
             tokenizer.save_pretrained(hf_dir)
 
     def load(self, directory: Path) -> None:
-        # with LoRA the saved module state holds the trainable tensors only; the base comes from the spec
-        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state",
-                                              load_module_strict=self.lora is None)
+        # with LoRA the saved module state holds the trainable tensors only (the base comes from the spec):
+        # strict all the same, every adapter tensor must be there (_frozen_entries_not_missing)
+        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state in {directory / 'deepspeed'}")

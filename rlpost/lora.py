@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.config import ConfigError, LoraConfig
+from rollout.models import ADAPTER_CONFIG, adapter_base
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_NAME = "default"  # peft's name of the one adapter the learner trains
 
@@ -39,8 +39,8 @@ def wrap(model: torch.nn.Module, cfg: LoraConfig, head: str = "lm") -> torch.nn.
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if cfg.target_modules != "all-linear":
         _check_targets(model, cfg.target_modules, model_type)
-        head = model.get_output_embeddings()
-        head_path = next((path for path, module in model.named_modules() if module is head), None)
+        output_head = model.get_output_embeddings()
+        head_path = next((path for path, module in model.named_modules() if module is output_head), None)
         tied = getattr(model.config, "tie_word_embeddings", False)
         if tied and head_path and any(head_path == t or head_path.endswith("." + t) for t in cfg.target_modules):
             raise ConfigError(f"model.lora.target_modules: {head_path!r} is tied to the input embeddings in this "
@@ -92,11 +92,6 @@ def saved_name(name: str) -> str:
     return name.replace(f".{ADAPTER_NAME}.", ".")
 
 
-def is_adapter_folder(path: str | Path) -> bool:
-    path = Path(path).expanduser()
-    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
-
-
 class _Applied:
     """A module of the learner's model called under an AdapterView: adapters off, the view's own on."""
 
@@ -109,9 +104,10 @@ class _Applied:
 
 
 def _add_lora(A: torch.Tensor, B: torch.Tensor, scale: float, module, args, output):
-    """Forward hook: output + B A x * scale, in peft's order of operations (its vanilla LoRA forward)."""
+    """Forward hook: output + B A x * scale, in peft's order of operations (its vanilla LoRA forward),
+    cast back to the output's dtype as peft does (a bf16 base with float32 snapshot tensors)."""
     x = args[0].to(A.dtype)
-    return output + F.linear(F.linear(x, A), B) * scale
+    return output + (F.linear(F.linear(x, A), B) * scale).to(output.dtype)
 
 
 class AdapterView:
@@ -204,6 +200,4 @@ class AdapterView:
 
 def same_base(adapter_folder: str | Path, base_path: str) -> bool:
     """Whether a saved adapter was trained on the model at `base_path` (peft records the base's path)."""
-    config = json.loads((Path(adapter_folder) / ADAPTER_CONFIG).read_text())
-    base = config.get("base_model_name_or_path") or ""
-    return Path(base).expanduser().resolve() == Path(base_path).expanduser().resolve()
+    return Path(adapter_base(adapter_folder)).expanduser().resolve() == Path(base_path).expanduser().resolve()

@@ -130,7 +130,7 @@ def resolve(spec: str) -> str:
         return str(_build_atomically(cache_dir() / TINY_DIGITS, _build_tiny_digits))
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").exists() and not is_adapter(path):
+        if not is_model_folder(path):
             raise ModelSpecError(f"model path {path} has no config.json (not a Hugging Face model directory) "
                                  f"and no {ADAPTER_CONFIG} (not a LoRA adapter)")
         return str(path)
@@ -138,6 +138,12 @@ def resolve(spec: str) -> str:
         raise ModelSpecError(f"model {spec!r} is neither a local directory, a hub id (org/name), "
                              f"{SMOLLM2!r}, {TINY_RANDOM!r} nor {TINY_DIGITS!r}")
     return spec
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """A Hugging Face model folder (config.json) or a LoRA adapter folder in peft's format."""
+    path = Path(path).expanduser()
+    return (path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file()
 
 
 def is_adapter(path: str | Path) -> bool:

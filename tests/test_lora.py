@@ -15,7 +15,7 @@ from conftest import REPO, subprocess_env
 from rlpost.batch import head_outputs, pack, token_logprobs
 from rlpost.config import ConfigError, LoraConfig, load_config
 from rollout.types import FinishReason, Group, Sample
-from test_streambp import spec_batch, spec_model, true_float64_norms  # noqa: F401 - fixture
+from test_streambp import _relative_errors, spec_batch, spec_model, true_float64_norms  # noqa: F401 - fixture
 
 
 def _samples(seed=0, n=6):
@@ -122,6 +122,22 @@ def test_kl_is_zero_and_dpo_sees_what_a_loaded_reference_gives_at_the_first_step
 
 # --- what the rollout engine receives ------------------------------------------------------------------
 
+# float64 re-association: two orders of the same sums of at most a few thousand terms differ by about
+# n eps |terms| (eps = 2.2e-16), under 1e-12 relative here; a missing or misplaced term (a wrong merge, a
+# lost gradient path) moves results by >= 1e-4 relative in these batches. 1e-10 relative sits between,
+# the same bound StreamBP's own float64 tests use (tests/test_streambp.py).
+REL64 = 1e-10
+
+
+def _float32_bound(model, batch):
+    """How far a float32 forward of `model` may land from another float32 forward of the same maths in
+    another order: 4x its own distance from the float64 forward (at least 64 ulps of the largest
+    log-prob), since both land within rounding distance of the exact result."""
+    truth = _logp(copy.deepcopy(model).double(), batch.to("cpu")).float()
+    floor = 64 * torch.finfo(torch.float32).eps * float(truth.abs().max())
+    return 4 * max(float((_logp(model, batch) - truth).abs().max()), floor)
+
+
 def _random_adapters(model, seed=0, scale=0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -133,7 +149,7 @@ def _random_adapters(model, seed=0, scale=0.05):
 def test_merged_sync_equals_the_peft_forward(true_float64_norms):
     """float64: a plain copy of the base with the synced weights W + (alpha / r) B A loaded into the
     modules the sync names gives the peft model's log-probs to float64 rounding (W x + s B A x and
-    (W + s B A) x differ by re-association only: ~1e-16 relative, 1e-10 allowed); the sync names the
+    (W + s B A) x differ by re-association only: REL64); the sync names the
     adapted modules and nothing else, and its tensors are peft's own merge_and_unload weights."""
     from rlpost import lora
     from rollout.hf_engine import HFEngine
@@ -149,19 +165,18 @@ def test_merged_sync_equals_the_peft_forward(true_float64_norms):
     HFEngine.load_weights(type("E", (), {"model": plain})(), merged.items(), 1)
     batch = spec_batch()
     truth = _logp(model, batch)
-    assert float((_logp(plain, batch) - truth).abs().max()) < 1e-10
-    assert float((_logp(base, batch) - truth).abs().max()) > 1e-4  # the adapters matter
+    scale = float(truth.abs().max())
+    assert float((_logp(plain, batch) - truth).abs().max()) <= REL64 * scale
+    assert float((_logp(base, batch) - truth).abs().max()) > 1e4 * REL64 * scale  # the adapters matter
 
 
 def test_the_learner_syncs_the_adapted_modules_merged():
     """The learner's weight sync, applied to the hf engine's own copy of the base, makes that copy's
-    log-probs those of the learner's peft model within float32 re-association: bounded by 4x the
-    distance of a float64 forward of the same weights from the float32 one (at least 64 ulps)."""
+    log-probs those of the learner's peft model within float32 re-association (_float32_bound)."""
     from rlpost import lora
     from rollout.hf_engine import HFEngine
     from rollout.models import load_model
-    learner, cfg = _learner("model.lora.target_modules=[q_proj, v_proj, up_proj]")
-    _step(learner, cfg)
+    learner, _ = _learner("model.lora.target_modules=[q_proj, v_proj, up_proj]")
     _random_adapters(learner.model, scale=0.02)
     named = list(learner.named_weights())
     assert [n for n, _ in named] == [f"{p}.weight" for p, _ in lora.adapted_modules(learner.model)] and len(named) == 6
@@ -169,11 +184,7 @@ def test_the_learner_syncs_the_adapted_modules_merged():
     engine.load_weights(named, 1)
     batch = pack(_samples(2), pad_id=2)
     policy = _logp(learner.model, batch)
-    model64 = copy.deepcopy(learner.model).double()
-    truth = _logp(model64, batch.to("cpu")).float()
-    floor = 64 * torch.finfo(torch.float32).eps * float(truth.abs().max())
-    bound = 4 * max(float((policy - truth).abs().max()), floor)
-    assert float((_logp(engine.model, batch) - policy).abs().max()) <= bound
+    assert float((_logp(engine.model, batch) - policy).abs().max()) <= _float32_bound(learner.model, batch)
 
 
 def learner_tokenizer():
@@ -185,8 +196,8 @@ def learner_tokenizer():
 
 @pytest.mark.parametrize("chunk", [5, 37])
 def test_streambp_is_exact_with_adapters_in_float64(chunk, true_float64_norms):
-    """Loss and every adapter gradient under StreamBP equal plain autograd to 1e-10 (float64), with
-    random A and B (so both get a gradient) on every linear layer; the base gets none."""
+    """Loss and every adapter gradient under StreamBP equal plain autograd to REL64 (float64, relative
+    norm per tensor), with random A and B (so both get a gradient) on every linear layer; the base gets none."""
     from rlpost import lora
     from rlpost.streambp import streamed_decoder
     from test_streambp import grpo_objective
@@ -203,11 +214,10 @@ def test_streambp_is_exact_with_adapters_in_float64(chunk, true_float64_norms):
         loss = objective(logp, batch, None)
         loss.backward()
         out[name] = float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert out["streambp"][0] == pytest.approx(out["autograd"][0], rel=1e-12, abs=1e-14)
     grads, streamed = out["autograd"][1], out["streambp"][1]
     assert grads.keys() == streamed.keys() and all(".lora_" in n for n in grads) and len(grads) == 28
-    for n in grads:
-        assert float((grads[n] - streamed[n]).abs().max()) <= 1e-10 * max(float(grads[n].abs().max()), 1.0), n
+    errors = _relative_errors(out["streambp"], out["autograd"])
+    assert max(errors.values()) <= REL64, max(errors, key=errors.get)
     assert all(float(g.abs().max()) > 0 for g in grads.values())
 
 
@@ -293,12 +303,12 @@ def test_resume_is_exact_and_the_checkpoint_is_a_peft_adapter(tmp_path, digit_mo
                 path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
                 hand.get_submodule(path).weight += (a[path.join(("base_model.model.", ".lora_B.weight"))] @ A) * 2.0
     batch = pack(_samples(3), pad_id=2)
-    assert float((_logp(policy, batch) - _logp(hand, batch)).abs().max()) < 1e-4
+    assert float((_logp(policy, batch) - _logp(hand, batch)).abs().max()) <= _float32_bound(policy, batch)
 
 
 def test_export_merge_eval_and_eval_of_the_adapter_checkpoint(tmp_path, digit_model):
-    """`rlpost export CHECKPOINT --merge OUT` writes a plain HF folder (no adapter file) whose log-probs
-    equal the peft model's within float32 merge rounding; `rlpost eval` on the adapter checkpoint
+    """`rlpost export CHECKPOINT --merge OUT` writes a plain HF folder (no adapter file) whose weights
+    are peft's merge_and_unload of the checkpoint's adapter, bit for bit; `rlpost eval` on the adapter checkpoint
     reproduces the trainer's final eval exactly (the trainer's engine held W + s B A merged the same way)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -310,10 +320,10 @@ def test_export_merge_eval_and_eval_of_the_adapter_checkpoint(tmp_path, digit_mo
     proc = run("export", str(tmp_path / "run"), "--merge", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
-    merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    peft = PeftModel.from_pretrained(load_model(digit_model), str(tmp_path / "run" / "checkpoints" / "step_2" / "hf")).eval()
-    batch = pack(_samples(4), pad_id=2)
-    assert float((_logp(merged, batch) - _logp(peft, batch)).abs().max()) < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    peft = PeftModel.from_pretrained(load_model(digit_model), str(tmp_path / "run" / "checkpoints" / "step_2" / "hf"))
+    expected = peft.merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in merged)
     proc = run("eval", "configs/grpo_math.yaml", "--checkpoint", str(tmp_path / "run"),
                *[x for s in SMALL + [f"model.name={digit_model}"] for x in ("--set", s)])
     assert proc.returncode == 0, proc.stderr[-2000:]
