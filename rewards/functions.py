@@ -190,7 +190,6 @@ class FunctionRewards:
     `__call__(kwargs, timeout)`, see rewards/reward_model.py): fills `reward` (weighted sum) and `correct` (the verdict
     of `correct_from`) of every sample not scored yet. `problems[prompt_id]` gives a group's prompt
     row (question and columns); `messages(problem)` the chat messages the policy saw."""
-    learners: dict = {}
 
     def __init__(self, functions: list[RewardFunction], problems: list, messages: Callable[[object], list[dict]], *,
                  correct_from: str, threshold: float = 1.0, on_error: str = "raise", timeout_s: float = 5.0,

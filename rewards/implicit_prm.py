@@ -3,9 +3,10 @@ train them from outcome labels, and PRIME's RLOO returns. Pure tensors: [N, T] p
 a 0/1 `mask`, ragged groups as `group_sizes`; no models, no I/O.
 
 Where it departs from the released code, and why: token rewards carry beta (the released PRIME code
-used the raw log-ratio and rescaled by the batch maximum; `max_abs_scale` does that rescaling when
-wanted); both RLOO forms exist (`form="paper"` the paper's leave-one-out baseline per sample,
-`form="code"` the released code's), equal at the first token and different later.
+used the raw log-ratio and rescaled by the batch maximum; `max_abs_scale` does that rescaling under
+`prime.dense_norm: max_abs`, where beta cancels); both RLOO forms exist (`prime.rloo`: `paper`, the
+paper's leave-one-out baseline per sample, or `code`, the released code's), equal at the first token
+and different later.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ that had to score early (APRIL's accept filter, CurES's difficulty pass) costs n
     reward  = correct_reward * correct + format_weight * (stopped by itself with an answer)
               + the DAPO overlong penalty when enabled
 
-Dense per-token rewards (PRIME's implicit PRM) are another callable of the same shape.
+Dense per-token rewards (PRIME's implicit PRM) come later, on the kept groups only (rlpost/prime.py).
 """
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ def overlong_penalty(length: torch.Tensor, max_len: int, cache_len: int) -> torc
 
 
 class OutcomeReward:
-    learners: dict = {}  # no trainable model of its own (PRIME's rewards step has one)
-
     def metrics(self) -> dict[str, float]:
         return {}
 

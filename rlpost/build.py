@@ -2,6 +2,7 @@
 itself has no branch per method, scheduler, sampler or data kind."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,7 +15,7 @@ from rlpost.evaluate import PairwiseEval, run_eval
 from rlpost.objectives import objective_class
 from rollout.engine import make_engine
 from rollout.models import load_model
-from rollout.source import AprilSource, DatasetSource, RoundSource, SyncSource
+from rollout.source import AprilSource, AsyncSource, DatasetSource, RoundSource, SyncSource
 from rollout.types import SamplingParams, UserError, world
 
 
@@ -52,6 +53,9 @@ class NoEngine:
     def load_weights(self, named_tensors, version: int) -> None:
         self.version = version
 
+    def close(self) -> None:
+        pass
+
 
 class FixedPolicy:
     """An engine whose weights stay those it was loaded with: for objectives that train another model
@@ -68,10 +72,24 @@ class FixedPolicy:
 
 
 def make_rollout_engine(cfg: Config, tokenizer, device: torch.device):
-    if cfg.rollout.scheduler == "dataset":
+    """The engine in this process (placement colocated), or the rollout workers' pool (workers)."""
+    r = cfg.rollout
+    if r.scheduler == "dataset":
         return NoEngine()
-    engine = make_engine(cfg.rollout.engine, cfg.model.name, tokenizer, device, max_batch_size=cfg.rollout.max_batch_size,
-                         tokens_per_step=cfg.rollout.tokens_per_step, seed=cfg.run.seed, **cfg.vllm_options())
+    options = {"max_batch_size": r.max_batch_size, "tokens_per_step": r.tokens_per_step, **cfg.vllm_options()}
+    if r.placement == "workers":
+        from rollout.workers import WorkerPool, worker_specs
+        cores = os.cpu_count() or 2
+        threads = r.worker_threads or max(1, cores // (r.workers + 1))
+        if device.type == "cpu":  # the learner and the workers split the cores instead of fighting over them
+            torch.set_num_threads(r.learner_threads or max(1, cores - r.workers * threads))
+        try:
+            engine = WorkerPool(worker_specs(r.engine, cfg.model.name, r.worker_devices, r.workers, threads, options,
+                                             cfg.run.seed), timeout_s=r.worker_timeout_s, restart=r.restart_workers)
+        except UserError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        engine = make_engine(r.engine, cfg.model.name, tokenizer, device, seed=cfg.run.seed, **options)
     return engine if getattr(objective_class(cfg), "trains_the_sampler", True) else FixedPolicy(engine)
 
 
@@ -109,9 +127,13 @@ def make_source(cfg: Config, engine, data: RunData, tokenizer, reward, keep, gra
             source = AprilSource(engine, make_sampler(cfg, len(data.train_prompts)), data.train_prompts, params,
                                  r.prompts_per_step, reward, tokenizer, submit_groups=r.april_submit_groups, keep=keep,
                                  grad_norms=grad_norms)
+        elif r.placement == "workers":
+            source = AsyncSource(engine, make_sampler(cfg, len(data.train_prompts)), data.train_prompts, params,
+                                 r.prompts_per_step, reward, max_staleness=r.max_staleness, seed=cfg.run.seed,
+                                 grad_norms=grad_norms)
         else:
             source = SyncSource(engine, make_sampler(cfg, len(data.train_prompts)), data.train_prompts, params,
-                                r.prompts_per_step, reward, grad_norms)
+                                r.prompts_per_step, reward, grad_norms, seed=cfg.run.seed if r.seed_requests else None)
     except UserError as e:
         raise ConfigError(str(e)) from None
     rounds = getattr(objective_class(cfg), "steps_per_round", None)
@@ -181,23 +203,26 @@ def _model_path(spec: str) -> str:
     return spec
 
 
-def make_rewards(cfg: Config, verifier, device: torch.device, pad_id: int):
-    """The rewards step: the verifier's outcome reward (or the reward functions, see make_verifier),
-    plus, with prime.coef > 0, PRIME's dense token rewards from an implicit PRM trained online (a
-    second Learner)."""
+def make_rewards(cfg: Config, verifier):
+    """The rewards step: the verifier's outcome reward, or the reward functions (see make_verifier)."""
     from rewards.outcome import OutcomeReward
-    outcome = verifier if cfg.reward.user_scorers else OutcomeReward(
+    return verifier if cfg.reward.user_scorers else OutcomeReward(
         verifier, max_new_tokens=cfg.rollout.max_new_tokens, overlong_penalty=cfg.reward.overlong_penalty,
         overlong_cache=cfg.reward.overlong_cache)
+
+
+def make_dense_rewards(cfg: Config, pad_id: int):
+    """Dense token rewards on the kept groups: with prime.coef > 0, PRIME's implicit PRM, trained
+    online (a second Learner); otherwise nothing."""
+    from rlpost.prime import NoDense, PrimeDense
     if cfg.prime.coef == 0:
-        return outcome
+        return NoDense()
     from rlpost.learner import Learner
     from rlpost.objectives.implicit_prm import ImplicitPRM
-    from rlpost.prime import PrimeReward
     prm_train = cfg.prime.train or cfg.train.model_copy(update={"lr": 1e-6})
     learner = Learner(cfg.prime.model or cfg.model.name, prm_train, lora=cfg.model.lora)
     prm = ImplicitPRM(cfg, frozen_models(ImplicitPRM, cfg, learner), pad_id)
-    return PrimeReward(outcome, learner, prm, cfg.prime.update, prm_train.micro_batch_size)
+    return PrimeDense(learner, prm, cfg.prime.update, prm_train.micro_batch_size)
 
 
 def make_evaluator(cfg: Config, engine, data: RunData, verifier, policy: torch.nn.Module | None, device,

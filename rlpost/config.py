@@ -119,6 +119,19 @@ class RolloutConfig(Section):
     vllm_max_model_len: int | None = Field(None, ge=16)
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # share of GPU memory vLLM may take
     vllm_cpu_kv_cache_gib: int = Field(2, ge=1)  # GiB of vLLM KV cache on CPU
+    # Where the engine runs (rollout/workers.py, docs/rollout.md#rollout-workers). colocated: in the
+    # learner's process, rollout then train. workers: `workers` processes per learner rank, each with
+    # its own engine, generating up to `max_staleness` policy versions ahead of the learner (0:
+    # synchronous through the workers); their weights arrive over gloo while they generate.
+    placement: Literal["colocated", "workers"] = "colocated"
+    workers: int = Field(1, ge=1)            # rollout worker processes per learner rank
+    worker_devices: list[str] | None = None  # one device per worker, e.g. [cuda:1]; None: cpu for all
+    worker_threads: int | None = Field(None, ge=1)   # torch threads per worker (CPU); None: cores / (workers + 1)
+    learner_threads: int | None = Field(None, ge=1)  # torch threads of the learner with workers; None: the cores left
+    max_staleness: int = Field(0, ge=0)      # k: train on no token sampled more than k versions ago
+    worker_timeout_s: float = Field(600.0, gt=0)  # a worker with work that is silent this long is hung
+    restart_workers: bool = False            # a dead or hung worker: start it again (true) or stop the run
+    seed_requests: bool = False              # colocated sync: seed each step's generation (workers always do)
 
 
 class CurriculumConfig(Section):
@@ -200,10 +213,12 @@ class GRPOConfig(Section):
     dynamic_sampling: bool = True            # drop groups whose rewards are all equal
     mask_truncated: bool = False             # truncated responses contribute no loss tokens
     reference: str | None = None             # KL reference model; default model.name; loaded only if beta > 0
-    # Tokens sampled by an older policy (APRIL resumes): ignore, mask them out of the loss, or weight
-    # the policy-gradient term by the truncated importance weight min(pi / pi_behaviour, tis_cap).
-    off_policy: Literal["ignore", "mask_stale", "tis"] = "ignore"
+    # Tokens sampled by an older policy (APRIL resumes, rollout workers): ignore, mask them out of the
+    # loss, weight the policy-gradient term by the truncated importance weight min(pi / pi_behaviour,
+    # tis_cap), or (icepop) mask every token whose ratio pi / pi_behaviour lies outside [1/c, c].
+    off_policy: Literal["ignore", "mask_stale", "tis", "icepop"] = "ignore"
     tis_cap: float = Field(2.0, gt=0)        # C of off_policy=tis
+    icepop_cap: float = Field(2.0, gt=1)     # c of off_policy=icepop
     # keep only groups whose share of correct answers lies in [low, high] (PRIME's [0.2, 0.8]); null: all
     accuracy_range: tuple[float, float] | None = None
 
@@ -235,6 +250,8 @@ class PrimeConfig(Section):
     (a second Learner, `prm:` for its loss) is trained online every step with CE on the rollouts."""
     coef: float = Field(0.0, ge=0)           # weight of the dense rewards; 0 is plain GRPO (no PRM at all)
     update: Literal["after", "before"] = "after"  # score with the PRM before its update on these rollouts, or after
+    rloo: Literal["paper", "code"] = "paper"  # the leave-one-out baseline: the paper's formula or the released code's
+    dense_norm: Literal["none", "max_abs"] = "none"  # max_abs: dense returns / the batch's largest |return| (the code's)
     model: str | None = None                 # the PRM's initial weights; default model.name
     train: "TrainConfig | None" = None       # the PRM's optimisation; default: the train: section with lr 1e-6
 
@@ -335,6 +352,9 @@ class Config(Section):
         if self.algorithm == "reward_model" and self.rollout.scheduler != "dataset":
             raise ValueError("algorithm=reward_model trains on preference pairs from a file: set rollout.scheduler=dataset "
                              "and data.source")
+        if self.rollout.placement == "workers" and self.rollout.scheduler != "sync":
+            raise ValueError(f"rollout.placement=workers runs with rollout.scheduler=sync (got {self.rollout.scheduler}): "
+                             f"fixed responses need no engine, and APRIL on the workers' side is not built yet")
         if self.reward.user_scorers and self.rollout.scheduler == "dataset":
             raise ValueError("reward.functions score generated rollouts (rollout.scheduler sync or april); "
                              "a file's responses arrive labelled")

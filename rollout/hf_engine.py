@@ -143,6 +143,9 @@ class HFEngine:
         sample.text = self.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
         return sample
 
+    def close(self) -> None:
+        pass  # everything it holds lives in this process
+
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         params = dict(self.model.named_parameters())

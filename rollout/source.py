@@ -2,6 +2,8 @@
 
     SyncSource     prompts from the sampler -> engine.generate -> every group generated to the end
     AprilSource    active partial rollouts (rollout/april.py): the first B groups to finish
+    AsyncSource    rollout workers in their own processes (rollout/workers.py), ahead of the learner
+                   by at most rollout.max_staleness policy versions
     DatasetSource  fixed responses from a file (preference pairs, reference answers): no engine
     RoundSource    wraps one of them for objectives that train several steps per batch of samples
 
@@ -21,6 +23,7 @@ of the loop whichever source ran. Nothing here imports the trainer side (`rlpost
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from typing import Callable, Protocol, Sequence
 
@@ -112,6 +115,12 @@ class _SampledSource:
         self.sampler.load_state_dict(state["sampler"])
 
 
+def request_seed(run_seed: int, index: int) -> int:
+    """The seed of the `index`-th generation request of a run (rollout.seed_requests, and always for
+    rollout workers): what is sampled depends on the request, not on which process runs it or when."""
+    return (run_seed * 1_000_003 + index) % 2 ** 31
+
+
 def rank_share(total: int) -> int:
     """This rank's part of `total` when item k goes to rank k % world."""
     rank, world_size = world()
@@ -120,13 +129,131 @@ def rank_share(total: int) -> int:
 
 class SyncSource(_SampledSource):
     """B prompts per step in all (the sampler draws B, prompt k goes to rank k % world: the same
-    prompts and group sizes whatever the world size), each group generated to the end in one call."""
+    prompts and group sizes whatever the world size), each group generated to the end in one call.
+    With `seed`, the step's call carries request_seed(seed, calls so far) (rollout.seed_requests)."""
+
+    def __init__(self, *args, seed: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seed, self.calls = seed, 0
 
     def next_groups(self, version: int) -> tuple[list[Group], dict[str, float]]:
         rank, world_size = world()
         prompt_ids, group_sizes = self.sampler.next_batch(self.groups_per_step)
         prompt_ids, group_sizes = prompt_ids[rank::world_size], group_sizes[rank::world_size]
-        return generate_groups(self.engine, self.prompts, prompt_ids, group_sizes, self.params), {}
+        params = self.params
+        if self.seed is not None:
+            params = dataclasses.replace(params, seed=request_seed(self.seed, self.calls))
+        self.calls += 1
+        return generate_groups(self.engine, self.prompts, prompt_ids, group_sizes, params), {}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.calls = state.get("calls", 0)
+
+
+class AsyncSource(_SampledSource):
+    """Rollout workers (rollout/workers.py: `engine` is the WorkerPool) generating ahead of the learner.
+
+    It keeps (max_staleness + 1) steps' worth of this rank's groups in flight: each step's draw of B
+    prompts (this rank's share of them), split over the K workers, one request per worker, each with
+    its own seed. next_groups takes this rank's share of B finished groups, in the order they finish,
+    and keeps the rest for the next step. A group with a token sampled more than max_staleness versions
+    before the learner's is not trained on: its prompt is generated again (counted in
+    rollout/stale_regenerated), so no drawn prompt is lost and none is biased out for being slow.
+    max_staleness 0 is synchronous: the step's groups are requested after the weights of `version`
+    went out, and all of them are waited for.
+
+    The checkpoint records what was in flight or finished but not trained on (as prompt ids and
+    sizes); a resume generates those first, with the resumed weights."""
+
+    def __init__(self, pool, sampler: PromptSampler, prompts: Prompts, params: SamplingParams, groups_per_step: int,
+                 reward: Reward, *, max_staleness: int, seed: int, grad_norms: GradNorms | None = None):
+        super().__init__(pool, sampler, prompts, params, groups_per_step, reward, grad_norms)
+        self.max_staleness, self.seed = max_staleness, seed
+        self.share = rank_share(groups_per_step)
+        if self.share == 0:
+            raise UserError(f"rollout.prompts_per_step={groups_per_step} is fewer than the {world()[1]} ranks")
+        self.requests = 0                                 # requests made: the next one's seed index
+        self.in_flight: dict[int, list[tuple[int, int]]] = {}  # request id -> its (prompt id, group size)s
+        self.finished: list[Group] = []                   # finished, not trained on yet
+        self.again: list[tuple[int, int]] = []            # to generate before drawing new prompts
+
+    def _request(self, items: list[tuple[int, int]], worker: int) -> None:
+        params = dataclasses.replace(self.params, seed=request_seed(self.seed, self.requests))
+        self.requests += 1
+        prompts = [self.prompts.prompt_ids[i] for i, k in items for _ in range(k)]
+        self.in_flight[self.engine.submit(prompts, params, worker)] = items
+
+    def _submit(self, items: list[tuple[int, int]]) -> None:
+        """One request per worker (round robin over the items)."""
+        workers = len(self.engine.workers)
+        for w in range(min(workers, len(items))):
+            self._request(items[w::workers], w)
+
+    def _fill(self) -> None:
+        queued = sum(len(items) for items in self.in_flight.values()) + len(self.finished)
+        if self.again:
+            self._submit(self.again)
+            queued, self.again = queued + len(self.again), []
+        rank, world_size = world()
+        while queued < (self.max_staleness + 1) * self.share:
+            ids, sizes = self.sampler.next_batch(self.groups_per_step)  # every rank draws the same
+            mine = list(zip(ids, sizes))[rank::world_size]
+            self._submit(mine)
+            queued += len(mine)
+
+    def _groups(self, request_id: int, samples: list[Sample]) -> list[Group]:
+        it, problems = iter(samples), self.prompts.problems
+        return [Group(prompt_id=i, prompt=problems[i].question, answer=problems[i].answer,
+                      samples=[next(it) for _ in range(k)]) for i, k in self.in_flight.pop(request_id)]
+
+    def next_groups(self, version: int) -> tuple[list[Group], dict[str, float]]:
+        self._fill()
+        regenerated = 0
+        while True:
+            fresh = [g for g in self.finished if version - min(min(s.versions, default=version) for s in g.samples)
+                     <= self.max_staleness]
+            stale = [g for g in self.finished if g not in fresh]
+            if stale:  # too old to train on: generated again, with the weights the workers have now
+                regenerated += len(stale)
+                self._submit([(g.prompt_id, len(g.samples)) for g in stale])
+            self.finished = fresh
+            if len(self.finished) >= self.share:
+                break
+            self.engine.wait_any(list(self.in_flight))
+            for request_id, samples in sorted(self.engine.take(list(self.in_flight), block=False).items()):
+                self.finished += self._groups(request_id, samples)
+        groups, self.finished = self.finished[:self.share], self.finished[self.share:]
+        lags = [version - v for g in groups for s in g.samples for v in s.versions]
+        return groups, {"rollout/staleness_mean": sum(lags) / max(len(lags), 1),
+                        "rollout/staleness_max": float(max(lags, default=0)),
+                        "rollout/stale_regenerated": float(regenerated),
+                        "rollout/in_flight_groups": float(sum(len(v) for v in self.in_flight.values())),
+                        "rollout/weight_sync_bytes": float(self.engine.sync_bytes)}
+
+    def state_dict(self) -> dict:
+        """The sampler, the request count and what was drawn but not trained on (a collective on
+        several ranks: every rank's part)."""
+        owed = self.again + [item for items in self.in_flight.values() for item in items]
+        owed += [(g.prompt_id, len(g.samples)) for g in self.finished]
+        mine = {**super().state_dict(), "requests": self.requests, "owed": owed}
+        if world()[1] == 1:
+            return mine
+        everyone: list = [None] * world()[1]
+        torch.distributed.all_gather_object(everyone, mine)
+        return {"world_size": world()[1], "ranks": everyone}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("world_size", 1)
+        if saved != world()[1]:
+            raise ValueError(f"rollout workers keep one share of the prompts per rank: this checkpoint was written "
+                             f"by {saved} rank(s), this run has {world()[1]}; resume it on {saved}")
+        mine = state["ranks"][world()[0]] if "ranks" in state else state
+        super().load_state_dict(mine)
+        self.requests, self.again = mine["requests"], [tuple(x) for x in mine["owed"]]
 
 
 class AprilSource(_SampledSource):

@@ -118,6 +118,9 @@ class VLLMEngine:
             done.update(self.step())
         return [done[i] for i in ids]
 
+    def close(self) -> None:
+        pass  # everything it holds lives in this process
+
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """The learner's weights (HF names) into the running model, in place. vLLM's own loader maps

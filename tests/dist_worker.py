@@ -2,8 +2,9 @@
 RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in its environment (gloo on CPU).
 
 For each case (aggregation, ZeRO stage, batch layout) it builds a fresh learner on the tiny
-model (with LoRA adapters where the case says so), takes this rank's share of one fixed global batch, runs one real training step through the
-GRPO objective and the Learner, and rank 0 saves the full updated weights to OUT/<case>.pt.
+model (with LoRA adapters where the case says so), takes this rank's share of one fixed global batch,
+runs one real training step through the GRPO objective and the Learner, and rank 0 saves the full
+updated weights to OUT/<case>.pt. APO cases (run_apo_case) run three rounds instead.
 
     python tests/dist_worker.py OUT CASES_JSON
 """
@@ -90,10 +91,34 @@ def run_case(case: dict, out: Path) -> None:
                     "micro_batches": len(micro_batches)}, out / f"{case['name']}.pt")
 
 
+def run_apo_case(case: dict, out: Path) -> None:
+    """APO, three rounds of one step each on the `equal` layout; in round 2 rank 1 gets no group (its
+    source handed it none). Every rank must still start the round: roll its snapshots and count it.
+    Each rank saves its round count and both snapshots to OUT/<case>-rank<r>.pt."""
+    rank, world_size = world()
+    cfg = Config.model_validate({
+        "algorithm": "apo", "model": {"name": "tiny-random"}, "apo": {"alpha": 0.3, "steps_per_round": 1},
+        "rollout": {"max_new_tokens": 8, "group_size": 4},
+        "train": {"zero_stage": case["zero"], "micro_batch_size": 4, "lr": 1e-2, "max_grad_norm": 1e9}})
+    torch.manual_seed(0)
+    learner = Learner(cfg.model.name, cfg.train)
+    objective = make_objective(cfg, learner, pad_id=2)
+    for round_ in range(3):
+        groups, _ = global_groups("equal", world_size, rank)
+        if round_ == 1 and rank == 1:
+            groups = []
+        micro_batches = objective.micro_batches(groups, objective.advantages(groups), learner.version)
+        if micro_batches:
+            learner.train_step(micro_batches, objective.head, objective.loss)
+    snapshot = lambda model: {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+    torch.save({"round": objective.round, "latest": snapshot(objective.latest), "previous": snapshot(objective.previous)},
+               out / f"{case['name']}-rank{rank}.pt")
+
+
 def main() -> int:
     out, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
     for case in cases:
-        run_case(case, out)
+        (run_apo_case if case.get("method") == "apo" else run_case)(case, out)
     return 0
 
 

@@ -229,11 +229,27 @@ def test_the_evaluation_script_runs_on_a_trained_prm(tmp_path, digit_model):
     tokenizer = load_tokenizer("tiny-random")
     tokenizer.add_tokens(["<not-in-the-prm>"])
     tokenizer.save_pretrained(other)
+    # rows the process suite cannot score (issue 23, item 6): steps a string (it would be scored as
+    # characters), a label beyond the last step (5 on a one-step solution), a float label, no steps
+    bad_rows = tmp_path / "bad_rows.jsonl"
+    bad_rows.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"problem": "1 + 1?", "steps": "1 + 1 = 2", "label": -1}, {"problem": "2 + 2?", "steps": ["2 + 2 = 4"], "label": 5},
+        {"problem": "3 + 3?", "steps": ["3 + 3 = 6"], "label": 0.5}, {"problem": "4?", "steps": [], "label": -1}]))
+    mixed = tmp_path / "mixed_rows.jsonl"
+    good = [{"problem": f"{a} + 1?", "steps": [f"{a} + 1 = {a + 1}", f"so {a + 1}"], "label": a % 3 - 1} for a in range(6)]
+    mixed.write_text(bad_rows.read_text() + "".join(json.dumps(r) + "\n" for r in good))
+    m = subprocess.run(base + ["--prm", str(run), "--process", str(mixed), "--out", str(tmp_path / "mixed")], cwd=REPO,
+                       capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert m.returncode == 0 and "skipped 4 of 10 rows (first: row 0, steps is not a list" in m.stderr, m.stderr[-1500:]
+    mixed_report = json.loads((tmp_path / "mixed" / "rm_eval.json").read_text())["process"]
+    assert (mixed_report["items"], mixed_report["skipped"]) == (6, 4)
     for bad, needle in [(["--prm", str(run), "--process", str(tmp_path / "missing.jsonl")], "no such file"),
-                        (["--prm", str(run), "--process", str(pairs)], "every row needs problem"),
+                        (["--prm", str(run), "--process", str(pairs)], "no usable ProcessBench rows"),
+                        (["--prm", str(run), "--process", str(bad_rows)], "no usable ProcessBench rows (problem, steps, label) (row 0: steps is not"),
+                        (["--prm", str(tmp_path / "no-such-run"), "--process-arithmetic", "4"], "no such checkpoint"),
                         (["--prm", str(run), "--reference", str(other), "--process-arithmetic", "4"], "tokenizer differs"),
                         (["--likelihood", str(tmp_path), "--process-arithmetic", "4"], "not an rlpost checkpoint"),
-                        (["--likelihood", str(tmp_path / "missing"), "--process-arithmetic", "4"], "does not load")]:
+                        (["--likelihood", str(tmp_path / "missing"), "--process-arithmetic", "4"], "no such checkpoint")]:
         r = subprocess.run([sys.executable, "-m", "rlpost.cli", "eval-rm", "--out", str(out)] + bad, cwd=REPO, capture_output=True, text=True, env=subprocess_env(), timeout=600)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-1500:])
 

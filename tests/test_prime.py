@@ -12,16 +12,23 @@ SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_
          "data.arithmetic.train_size=50", "data.arithmetic.test_size=10"]
 
 
-def test_prime_advantages_are_the_whitened_rloo_returns_of_the_spec():
-    """§6.8 with coef 1: totals y1 [0.5, 0.6], y2 [-2.35, -1.6, -1.15], y3 [0.95] before whitening; the
-    objective returns them whitened over the six tokens (mean and std computed here by hand)."""
+# ALGORITHMS.md §6.8, K = 3, gamma = 1: dense returns per form, and the outcome advantages [0.5, -1, 0.5]
+SPEC_DENSE = {"paper": [[0.0, 0.1], [-1.35, -0.6, -0.15], [0.45]], "code": [[0.0, 0.15], [-1.35, -0.45, 0.0], [0.45]]}
+
+
+@pytest.mark.parametrize("rloo,norm", [("paper", "none"), ("code", "none"), ("paper", "max_abs")])
+def test_prime_advantages_are_the_whitened_rloo_returns_of_the_spec(rloo, norm):
+    """§6.8 with coef 1: the dense returns of the chosen RLOO form (divided by the batch's largest
+    |dense return|, 1.35, under dense_norm=max_abs, the released code's batch_norm), plus the outcome
+    advantages, whitened over the six tokens (mean and std computed here by hand)."""
     from rlpost.objectives.grpo import GRPO
-    objective = GRPO(load_config(None, ["prime.coef=1"]), {}, pad_id=2)
+    objective = GRPO(load_config(None, ["prime.coef=1", f"prime.rloo={rloo}", f"prime.dense_norm={norm}"]), {}, pad_id=2)
     rows = [([0.2, 0.4], 1.0), ([-0.3, 0.0, 0.3], 0.0), ([0.6], 1.0)]
     samples = [Sample([5], [7] * len(r), [0.0] * len(r), FinishReason.STOP, reward=o, correct=o > 0, token_rewards=r)
                for r, o in rows]
     adv = objective.advantages([Group(0, "", "", samples)])
-    totals = [0.5, 0.6, -2.35, -1.6, -1.15, 0.95]
+    scale = 1.35 if norm == "max_abs" else 1.0
+    totals = [d / scale + o for dense, o in zip(SPEC_DENSE[rloo], [0.5, -1.0, 0.5]) for d in dense]
     mean = sum(totals) / 6
     std = (sum((x - mean) ** 2 for x in totals) / 6) ** 0.5
     expected = [[(x - mean) / std for x in totals[:2]] + [0.0], [(x - mean) / std for x in totals[2:5]],
@@ -77,3 +84,35 @@ def test_prime_trains_both_models_and_resumes_both_exactly(tmp_path, digit_model
     assert any(not torch.equal(straight[1][k], initial[k]) for k in straight[1])  # the PRM was trained
     plain = _run(tmp_path, "c", "prime_math.yaml", digit_model, 3, "prime.coef=0", "grpo.accuracy_range=null")
     assert not _equal(straight[0], plain[0])
+
+
+def test_the_prm_scores_and_trains_on_the_kept_groups_once_per_step(tmp_path, digit_model):
+    """The released trainer's order (issue 23, item 3): verdicts, then the accuracy filter, then the PRM
+    scores and takes its one update of the step, on the kept groups only. Under APRIL the source scores
+    every group as it finishes; the PRM must still step once per training step (two steps: two
+    optimizer steps in its DeepSpeed state, not one per finished group)."""
+    from rlpost.trainer import train
+    extra = ["grpo.accuracy_range=null", "rollout.scheduler=april", "rollout.april_submit_groups=4"]
+    cfg = load_config(REPO / "configs" / "prime_math.yaml", [*SMALL, f"model.name={digit_model}", "train.max_steps=2",
+                                                            f"run.output_dir={tmp_path / 'run'}", *extra])
+    train(cfg, show_progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_2" / "prm" / "deepspeed" / "state" /
+                       "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["global_steps"] == 2
+
+
+def test_the_prm_sees_only_what_it_is_given():
+    """PrimeDense on a list of groups: token rewards on exactly those samples (a group the filter
+    dropped is never scored), one PRM update per call."""
+    from rlpost.build import make_dense_rewards
+    cfg = load_config(REPO / "configs" / "prime_math.yaml", ["model.name=tiny-random", "train.micro_batch_size=4"])
+    dense = make_dense_rewards(cfg, pad_id=2)
+
+    def group(right):
+        return Group(0, "", "", [Sample([5, 6], [7, 8, 9], [0.0] * 3, FinishReason.STOP, reward=float(i < right),
+                                        correct=i < right) for i in range(4)])
+    kept, dropped = group(2), group(4)
+    dense([kept])
+    assert dense.prm.version == 1 and "prm/loss" in dense.metrics()
+    assert all(len(s.token_rewards) == 3 for s in kept.samples)
+    assert all(s.token_rewards is None for s in dropped.samples)

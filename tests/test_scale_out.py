@@ -45,6 +45,7 @@ def trained(tmp_path_factory):
     cases += [{"name": f"cures-dapo-zero{z}", "aggregation": "dapo", "zero": z, "layout": "cures"} for z in STAGES]
     cases += [{"name": "cures-dapo-zero2-rank1-dropped", "aggregation": "dapo", "zero": 2, "layout": "cures", "drop_rank": 1}]
     cases += [{"name": f"lora-dapo-zero{z}", "aggregation": "dapo", "zero": z, "layout": "equal", "lora": True} for z in STAGES]
+    cases += [{"name": f"apo-zero{z}", "method": "apo", "zero": z} for z in (0, 3)]
     out = {}
     for world_size in (1, 2):
         out[world_size] = tmp_path_factory.mktemp(f"world{world_size}")
@@ -52,6 +53,20 @@ def trained(tmp_path_factory):
     from rollout.models import load_model
     initial = dict(load_model("tiny-random").named_parameters())
     return lambda world_size, name: torch.load(out[world_size] / f"{name}.pt"), initial
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_apo_ranks_roll_their_snapshots_together(trained, zero):
+    """A round where rank 1 has no group: both ranks still start it (three rounds counted on each) and
+    hold the same snapshots, bit for bit (they are copies of the same all-reduced weights); the
+    snapshots did roll (latest and previous differ after round 3)."""
+    load, _ = trained
+    ranks = [load(2, f"apo-zero{zero}-rank{r}") for r in (0, 1)]
+    assert [r["round"] for r in ranks] == [3, 3]
+    for which in ("latest", "previous"):
+        a, b = ranks[0][which], ranks[1][which]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
+    assert any(not torch.equal(ranks[0]["latest"][k], ranks[0]["previous"][k]) for k in ranks[0]["latest"])
 
 
 @pytest.mark.parametrize("zero", STAGES)

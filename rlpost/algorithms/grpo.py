@@ -100,6 +100,13 @@ def off_policy_mask(mask: torch.Tensor, versions: torch.Tensor, current_version:
     return mask * (versions >= current_version).to(mask.dtype)
 
 
+def ratio_band_mask(logp: torch.Tensor, logp_behaviour: torch.Tensor, cap: float) -> torch.Tensor:
+    """IcePop-style: 1 where the behaviour ratio pi / pi_behaviour lies in [1/cap, cap], else 0 (a token
+    the sampler and the learner disagree on that much carries no loss)."""
+    log_ratio = logp.detach() - logp_behaviour
+    return (log_ratio.abs() <= torch.log(torch.tensor(cap, dtype=log_ratio.dtype))).to(logp.dtype)
+
+
 def truncated_importance_weight(logp: torch.Tensor, logp_behaviour: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
     """APRIL `tis`: min(pi / pi_behaviour, C) per token from the stored sampling log-probs; a constant
     weight on the token loss (no gradient flows through it)."""

@@ -39,7 +39,8 @@ class APO(DPO):
         self.alpha = cfg.apo.alpha
         self.latest, self.previous = frozen["latest"], frozen["previous"]  # pi_t and pi_(t-1), frozen copies
         self.policy_weights = policy_weights  # () -> (name, tensor) pairs of the learner's trained tensors
-        self.round = 0
+        self.round, self.rounds_every = 0, cfg.apo.steps_per_round
+        self.step_in_round = 0  # steps of the current round already trained (the source counts the same)
         self._parts: list = []  # the round's (packed pair rows, reference chosen, reference rejected)
         self._num_pairs = 0
 
@@ -61,7 +62,9 @@ class APO(DPO):
                 params[name].copy_(tensor)
 
     def micro_batches(self, groups: list[Group], advantages, version: int) -> list[PairBatch]:
-        if groups:  # the first step of a round: new samples
+        start = self.step_in_round == 0  # every rank starts the round, with or without groups of its own
+        self.step_in_round = (self.step_in_round + 1) % self.rounds_every
+        if start:  # the first step of a round: new samples (none on a rank the source gave no group)
             self.round += 1
             if self.round > 1:
                 self._roll_snapshots()
@@ -85,14 +88,14 @@ class APO(DPO):
         return self.finish(list(self._parts), self._num_pairs)
 
     def state_dict(self) -> dict:
-        return {"round": self.round, "num_pairs": self._num_pairs,
+        return {"round": self.round, "step_in_round": self.step_in_round, "num_pairs": self._num_pairs,
                 "parts": [{"input_ids": p.input_ids, "attention_mask": p.attention_mask, "position_ids": p.position_ids,
                            "response_mask": p.response_mask, "prompt_width": p.prompt_width,
                            "ref_chosen": rc, "ref_rejected": rr} for p, rc, rr in self._parts],
                 "latest": self.latest.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.round, self._num_pairs = state["round"], state["num_pairs"]
+        self.round, self.step_in_round, self._num_pairs = state["round"], state["step_in_round"], state["num_pairs"]
         self._parts = [(Packed(p["input_ids"], p["attention_mask"], p["position_ids"], p["response_mask"],
                                p["prompt_width"]), p["ref_chosen"], p["ref_rejected"]) for p in state["parts"]]
         self.latest.load_state_dict(state["latest"])

@@ -29,6 +29,7 @@ class GRPOMicroBatch:
     advantages: torch.Tensor          # [n] or [n, T]
     loss_mask: torch.Tensor           # [n, T]
     behaviour_logp: torch.Tensor      # [n, T] log-probs stored at sampling time
+    current: torch.Tensor             # [n, T] 1 where the token was sampled by the version being trained
     ref_logp: torch.Tensor | None     # [n, T] when beta > 0
     temperature: float
     num_micro_batches: int            # of this step on this rank: the grpo / bnpo / dr_grpo normaliser
@@ -41,7 +42,7 @@ class GRPO:
         self.temperature, self.max_new_tokens = cfg.rollout.temperature, cfg.rollout.max_new_tokens
         self.micro_batch_size, self.pad_id = cfg.train.micro_batch_size, pad_id
         self.reference = frozen.get("reference")
-        self.prime_coef = cfg.prime.coef
+        self.prime = cfg.prime
         self._head = logprob_head(self.temperature)
 
     @classmethod
@@ -62,7 +63,8 @@ class GRPO:
 
     def advantages(self, groups: list[Group]) -> torch.Tensor:
         """[N]: group-normalised rewards. [N, T] when the samples carry token rewards (PRIME): the
-        leave-one-out returns of prime.coef x token rewards plus the outcome, whitened over the batch."""
+        leave-one-out returns of prime.coef x token rewards (prime.rloo's form, prime.dense_norm'd) plus
+        the outcome, whitened over the batch."""
         samples = [s for g in groups for s in g.samples]
         rewards = torch.tensor([s.reward for s in samples])
         if not len(rewards):
@@ -72,7 +74,10 @@ class GRPO:
             width = max(len(s.response_ids) for s in samples)
             rho = padded([s.token_rewards for s in samples], width).double()
             mask = padded([[1.0] * len(s.response_ids) for s in samples], width).double()
-            dense, outcome = implicit_prm.rloo_returns(self.prime_coef * rho, mask, rewards.double(), sizes)
+            dense, outcome = implicit_prm.rloo_returns(self.prime.coef * rho, mask, rewards.double(), sizes,
+                                                       form=self.prime.rloo)
+            if self.prime.dense_norm == "max_abs":
+                dense = implicit_prm.max_abs_scale(dense, mask)
             return implicit_prm.whiten(dense + outcome, mask).float()
         return grpo.group_advantages(rewards, sizes, self.cfg.scale_rewards)
 
@@ -91,8 +96,9 @@ class GRPO:
             packed = pack(chunk, self.pad_id)
             width = packed.response_mask.shape[1]
             loss_mask = packed.response_mask * torch.tensor(keep[start:start + size], dtype=torch.float32).unsqueeze(-1)
+            current = grpo.off_policy_mask(packed.response_mask, padded([s.versions for s in chunk], width), version)
             if self.cfg.off_policy == "mask_stale":
-                loss_mask = grpo.off_policy_mask(loss_mask, padded([s.versions for s in chunk], width), version)
+                loss_mask = loss_mask * current
             adv = advantages[start:start + size]
             if adv.dim() == 2:  # per-token advantages: to this micro-batch's width
                 adv = torch.nn.functional.pad(adv, (0, max(width - adv.shape[1], 0)))[:, :width]
@@ -101,15 +107,15 @@ class GRPO:
                 with torch.no_grad():  # on the reference's device, kept on the CPU with the rest of the batch
                     ref_device = next(self.reference.parameters()).device
                     ref_logp = token_logprobs(self.reference, packed.to(ref_device), self.temperature)[0].float().cpu()
-            parts.append((packed, adv, loss_mask, padded([s.logprobs for s in chunk], width), ref_logp))
+            parts.append((packed, adv, loss_mask, padded([s.logprobs for s in chunk], width), current, ref_logp))
         parts, global_tokens = pad_across_ranks(parts, sum(float(p[2].sum()) for p in parts), self._empty_part)
-        return [GRPOMicroBatch(packed, adv, mask, behaviour, ref, self.temperature, len(parts), global_tokens)
-                for packed, adv, mask, behaviour, ref in parts]
+        return [GRPOMicroBatch(packed, adv, mask, behaviour, current, ref, self.temperature, len(parts), global_tokens)
+                for packed, adv, mask, behaviour, current, ref in parts]
 
     def _empty_part(self):
         """A one-token micro-batch that contributes nothing: it only keeps the ranks' collectives in step."""
         ref = torch.zeros(1, 1) if self.reference is not None else None
-        return empty_pack(self.pad_id), torch.zeros(1), torch.zeros(1, 1), torch.zeros(1, 1), ref
+        return empty_pack(self.pad_id), torch.zeros(1), torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), ref
 
     def head(self, mb: GRPOMicroBatch) -> HeadFn:
         return self._head
@@ -118,9 +124,12 @@ class GRPO:
         g = self.cfg
         logp, entropy = outputs["logp"], outputs["entropy"]  # >= fp32: the head promotes the logits
         mask = mb.loss_mask.to(logp.device)
+        behaviour = mb.behaviour_logp.to(logp.device)
         pg_weight = None
         if g.off_policy == "tis":  # min(pi / pi_behaviour, C): stale tokens were sampled by another policy
-            pg_weight = grpo.truncated_importance_weight(logp, mb.behaviour_logp.to(logp.device), g.tis_cap)
+            pg_weight = grpo.truncated_importance_weight(logp, behaviour, g.tis_cap)
+        elif g.off_policy == "icepop":  # no loss where sampler and learner disagree by more than the band
+            mask = mask * grpo.ratio_band_mask(logp, behaviour, g.icepop_cap)
         # One update per rollout: pi_old is the current policy, so the ratio is 1 with a live gradient.
         token_loss, stats = grpo.grpo_token_loss(
             logp, logp.detach(), mb.advantages.to(logp.device), mask, eps_low=g.eps_low, eps_high=g.eps_high,
@@ -130,8 +139,11 @@ class GRPO:
                               max_completion_length=self.max_new_tokens, global_tokens=mb.global_tokens,
                               num_processes=world()[1])
         tokens = float(mask.sum())
+        current = mb.current.to(logp.device)  # the sampler's log-probs against the learner's, same weights
         out: Stats = {"loss": float(loss.detach()), "entropy": Mean(float((entropy * mask).sum()), tokens),
-                      "clip_fraction": Mean(float(stats["clip_fraction"]) * tokens, tokens)}
+                      "clip_fraction": Mean(float(stats["clip_fraction"]) * tokens, tokens),
+                      "rollout/logprob_diff": Mean(float(((logp.detach() - behaviour).abs() * current).sum()),
+                                                   float(current.sum()))}
         if "kl" in stats:
             out["kl"] = Mean(float(stats["kl"]) * tokens, tokens)
         return loss, out

@@ -1,0 +1,111 @@
+"""Rollout workers (rollout/workers.py, rollout.placement=workers): engines in their own processes."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, subprocess_env
+from rlpost.config import ConfigError, load_config
+
+SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6", "eval.num_prompts=4",
+         "eval.pass_k=1", "eval.at_start=false", "train.micro_batch_size=4", "grpo.dynamic_sampling=false",
+         "train.lr=1e-3", "reward.format_weight=0.5", "data.arithmetic.train_size=50", "data.arithmetic.test_size=10",
+         "rollout.engine=hf", "checkpoint.keep_last=5"]
+THREADS = ["rollout.worker_threads=1", "rollout.learner_threads=1", "rollout.worker_timeout_s=120"]
+
+
+def _train(tmp_path, name, model, steps, *extra, resume=None):
+    from rlpost.trainer import train
+    cfg = load_config(REPO / "configs" / "grpo_math.yaml", [*SMALL, f"model.name={model}", f"train.max_steps={steps}",
+                                                           f"run.output_dir={tmp_path / name}", *extra])
+    summary = train(cfg, resume=resume, show_progress=False)
+    return summary, load_file(tmp_path / name / "checkpoints" / f"step_{steps}" / "hf" / "model.safetensors")
+
+
+def _rows(run):
+    from rlpost.metrics import read_metrics
+    return [r for r in read_metrics(run) if "reward" in r]
+
+
+def test_staleness_zero_through_one_worker_is_the_colocated_run_bit_for_bit(tmp_path, digit_model):
+    """max_staleness 0, one worker, the hf engine, seeded requests: the worker generates each step's
+    groups with the weights the learner sent after the previous step, so three steps end with the
+    colocated run's weights (rollout.seed_requests, the same thread count) bit for bit; the tokens were
+    all sampled by the current version, and the sampler's log-probs match the learner's recomputation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what learner_threads=1 and worker_threads=1 give each side below
+    try:
+        colocated, a = _train(tmp_path, "colocated", digit_model, 3, "rollout.seed_requests=true")
+    finally:
+        torch.set_num_threads(threads)
+    workers, b = _train(tmp_path, "workers", digit_model, 3, "rollout.placement=workers", *THREADS)
+    torch.set_num_threads(threads)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from rollout.models import load_model
+    initial = load_model(digit_model).state_dict()
+    assert any(not torch.equal(initial[k], a[k]) for k in a)  # it trained
+    rows = _rows(tmp_path / "workers")
+    assert [r["rollout/staleness_max"] for r in rows] == [0.0, 0.0, 0.0]
+    assert all(r["rollout/weight_sync_bytes"] > 0 for r in rows[1:]) and all(r["weight_sync_s"] > 0 for r in rows)
+    # float32 sampler and learner on the same weights: the same computation, batched differently
+    assert all(r["rollout/logprob_diff"] < 1e-3 for r in rows)
+    assert workers["eval_after"] == colocated["eval_after"]  # eval ran on the worker, with the final weights
+
+
+def test_staleness_one_keeps_the_workers_ahead_and_bounded(tmp_path, digit_model):
+    """max_staleness 1 with two workers: the step's groups may come from the previous version, never
+    older; every step trains its B groups."""
+    _, _ = _train(tmp_path, "async", digit_model, 4, "rollout.placement=workers", "rollout.workers=2",
+                  "rollout.max_staleness=1", *THREADS)
+    rows = _rows(tmp_path / "async")
+    assert len(rows) == 4 and all(r["groups"] == 2 for r in rows)
+    assert all(0 <= r["rollout/staleness_max"] <= 1 for r in rows)
+    assert all(r["rollout/in_flight_groups"] >= 0 for r in rows)
+
+
+def test_bad_worker_settings_are_one_clear_line():
+    with pytest.raises(ConfigError, match="rollout.placement=workers runs with rollout.scheduler=sync"):
+        load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.placement=workers", "rollout.scheduler=april"])
+    with pytest.raises(ConfigError, match="rollout.max_staleness"):
+        load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.max_staleness=-1"])
+
+
+def _run_and_kill_worker(tmp_path, model, *extra):
+    """`rlpost train` in a child process; once step 1 is logged, its rollout worker is killed."""
+    import psutil
+    run = tmp_path / "run"
+    args = [*SMALL, f"model.name={model}", "train.max_steps=4", f"run.output_dir={run}", "checkpoint.every=1",
+            "rollout.placement=workers", "rollout.worker_timeout_s=60", *THREADS, *extra]
+    proc = subprocess.Popen([sys.executable, "-m", "rlpost.cli", "train", "configs/grpo_math.yaml", "--no-progress",
+                             *[x for a in args for x in ("--set", a)]], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run / "metrics.jsonl", time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and any('"reward"' in line for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.5)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "multiprocessing" in " ".join(c.cmdline())
+               and "spawn_main" in " ".join(c.cmdline())]
+    assert workers, "no rollout worker process found"
+    for w in workers:
+        w.kill()
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, err, run
+
+
+def test_a_killed_worker_stops_the_run_with_one_line_and_the_checkpoint(tmp_path, digit_model):
+    code, err, run = _run_and_kill_worker(tmp_path, digit_model)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code != 0 and "Traceback" not in err, err[-2000:]
+    assert "rollout worker 0" in lines[-1] and "died" in lines[-1] and "--resume" in lines[-1], lines[-1]
+    assert (run / "checkpoints" / "step_1" / "hf" / "model.safetensors").is_file()
+
+
+def test_a_killed_worker_is_restarted_when_asked(tmp_path, digit_model):
+    code, err, run = _run_and_kill_worker(tmp_path, digit_model, "rollout.restart_workers=true")
+    assert code == 0, err[-2000:]
+    assert len(_rows(run)) == 4
