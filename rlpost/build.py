@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from rlpost.batch import pack
 from rlpost.config import Config, ConfigError
 from rlpost.curriculum import CuresSampler, ShardSampler, UniformSampler
 from rlpost.data import PromptSet, ResponseSet, load_prompt_sets, load_response_groups
@@ -113,27 +114,32 @@ def _sampler(cfg: Config, num_prompts: int):
     return UniformSampler(num_prompts, cfg.run.seed, cfg.rollout.group_size)
 
 
-def make_source(cfg: Config, engine, data: RunData, tokenizer, reward, keep, grad_norms=None):
+def make_source(cfg: Config, engine, data: RunData, tokenizer, reward, keep, learner=None):
     """rollout.scheduler: sync | april (prompts from the curriculum's sampler, answers from `engine`) |
-    dataset (fixed responses, rows in uniform epochs). An objective that trains in rounds (APO) gets
-    new groups only on the first step of each round."""
+    dataset (fixed responses, rows in uniform epochs); with rollout.placement=workers the workers' async
+    source. An objective that trains in rounds (APO) gets new groups only on the first step of each
+    round. A sampler that wants per-response gradient norms (CurES's grad_norm allocation) gets them
+    from `learner` (an extra forward)."""
     r = cfg.rollout
     params = SamplingParams(r.max_new_tokens, r.temperature, r.top_p)
     try:
         if r.scheduler == "dataset":
             groups = data.responses.train
             source = DatasetSource(groups, UniformSampler(len(groups), cfg.run.seed), r.prompts_per_step)
-        elif r.scheduler == "april":
-            source = AprilSource(engine, make_sampler(cfg, len(data.train_prompts)), data.train_prompts, params,
-                                 r.prompts_per_step, reward, tokenizer, submit_groups=r.april_submit_groups, keep=keep,
-                                 grad_norms=grad_norms)
-        elif r.placement == "workers":
-            source = AsyncSource(engine, make_sampler(cfg, len(data.train_prompts)), data.train_prompts, params,
-                                 r.prompts_per_step, reward, max_staleness=r.max_staleness, seed=cfg.run.seed,
-                                 grad_norms=grad_norms)
         else:
-            source = SyncSource(engine, make_sampler(cfg, len(data.train_prompts)), data.train_prompts, params,
-                                r.prompts_per_step, reward, grad_norms, seed=cfg.run.seed if r.seed_requests else None)
+            sampler = make_sampler(cfg, len(data.train_prompts))
+            grad_norms = None
+            if sampler.wants_grad_norms and learner is not None:
+                def grad_norms(samples):
+                    return learner.head_gradient_norms(pack(samples, tokenizer.pad_token_id), r.temperature)
+            common = (engine, sampler, data.train_prompts, params, r.prompts_per_step, reward)
+            if r.scheduler == "april":
+                source = AprilSource(*common, tokenizer, submit_groups=r.april_submit_groups, keep=keep,
+                                     grad_norms=grad_norms)
+            elif r.placement == "workers":
+                source = AsyncSource(*common, max_staleness=r.max_staleness, seed=cfg.run.seed, grad_norms=grad_norms)
+            else:
+                source = SyncSource(*common, grad_norms, seed=cfg.run.seed if r.seed_requests else None)
     except UserError as e:
         raise ConfigError(str(e)) from None
     rounds = getattr(objective_class(cfg), "steps_per_round", None)

@@ -2,8 +2,9 @@
 
     source    -> this step's groups (sync / APRIL rollouts of sampled prompts, or fixed responses)
     rewards   -> each sample's verdict (`correct`) and shaped reward
-    objective -> which groups train (its filter), then dense token rewards on them (PRIME's PRM),
-                 their advantages, micro-batches with the frozen models' forwards
+    objective -> which groups train (its filter), then dense token rewards on them (from a process
+                 reward model trained online, where configured), their advantages, micro-batches
+                 with the frozen models' forwards
     learner   -> backward over the micro-batches, one optimizer step
     sync      -> new weights into the rollout engine
     then metrics, eval, checkpoint
@@ -24,7 +25,6 @@ import numpy as np
 import torch
 
 from rlpost import checkpoint as ckpt
-from rlpost.batch import pack
 from rlpost.build import (load_data, make_dense_rewards, make_evaluator, make_objective, make_rewards,
                           make_rollout_engine, make_source, make_verifier, model_head)
 from rlpost.config import Config, dump_config
@@ -65,11 +65,6 @@ def step_metrics(groups: list[Group], train_stats: Stats, timing: dict[str, floa
     }
 
 
-# APRIL's per-rank counts add up over ranks; its other numbers are averaged (rlpost.metrics.over_ranks)
-_COUNTS = tuple(f"april/{k}" for k in ("groups_submitted", "tokens_generated", "groups_finished", "groups_rejected",
-                                       "groups_recycled", "buffer_size"))
-
-
 def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> dict:
     run_dir = Path(cfg.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,12 +103,8 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool, 
     cleanup.callback(engine.close)
     objective = make_objective(cfg, learner, tokenizer.pad_token_id)
     rewards = make_rewards(cfg, verifier)
-    dense = make_dense_rewards(cfg, tokenizer.pad_token_id)  # PRIME's online PRM; nothing for the others
-
-    def grad_norms(samples):  # CurES's grad_norm allocation asks for them: an extra forward
-        return learner.head_gradient_norms(pack(samples, tokenizer.pad_token_id), cfg.rollout.temperature)
-
-    source = make_source(cfg, engine, data, tokenizer, rewards, objective.keep, grad_norms)
+    dense = make_dense_rewards(cfg, tokenizer.pad_token_id)  # a reward model trained online, or nothing
+    source = make_source(cfg, engine, data, tokenizer, rewards, objective.keep, learner)
     evaluator = make_evaluator(cfg, engine, data, verifier, learner.model, learner.engine.device, tokenizer.pad_token_id,
                                learner)
     rank, _ = world()
@@ -127,7 +118,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool, 
             raise ckpt.CheckpointError(f"{resume_dir}: its rollout-source state does not fit this config ({e})") from None
         objective.load_state_dict(state["objective"])
         learner.load(resume_dir)
-        for name, other in dense.learners.items():  # PRIME's PRM
+        for name, other in dense.learners.items():  # the dense rewards' own model (prm/)
             other.load(resume_dir / name)
         learner.version = start_step = state["step"]
         summary = state["summary"]
@@ -161,7 +152,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool, 
         sampler_stats = source.observe(groups)
 
         train_groups = [g for g in groups if objective.keep(g)]
-        dense(train_groups)  # token rewards on the kept groups, and PRIME's one PRM update
+        dense(train_groups)  # token rewards on the kept groups, and their model's one update
         advantages = objective.advantages(train_groups)
         micro_batches = objective.micro_batches(train_groups, advantages, learner.version)
         train_stats: Stats = {"skipped_update": 1.0}
@@ -185,7 +176,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool, 
         verifier_counts = {f"reward/{k}": float(v) for k, v in verifier.pop_counters().items()}
         metrics.update(over_ranks({**objective.metrics(), **rewards.metrics(), **dense.metrics(), **rollout_stats,
                                    **verifier_counts},
-                                  sums=_COUNTS + tuple(verifier_counts), maxes=("april/rollout_s",)))
+                                  sums=source.summed + tuple(verifier_counts), maxes=source.maxed))
         logger.log(step, metrics)
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.train.max_steps:
             evaluate(step)

@@ -14,6 +14,8 @@
     warm_up() -> stats                        before step 1: the sampler's own pass (CurES's
                                               difficulty pass), nothing for the others
     state_dict() / load_state_dict()          sampler state and APRIL's buffer: resume is exact
+    summed / maxed                            which of its stats add up over ranks (counts) or take
+                                              the largest rank's value; the others are averaged
 
 The prompt sampler is anything meeting `PromptSampler` (rlpost/curriculum.py has uniform and CurES).
 The source scores through the `reward` callable it is given (rewards/outcome.py), which skips samples
@@ -71,6 +73,8 @@ def generate_groups(engine: RolloutEngine, prompts: Prompts, prompt_ids: list[in
 
 class _SampledSource:
     """What the engine-backed sources share: the sampler, its warm-up pass and its feedback."""
+    summed: tuple[str, ...] = ()
+    maxed: tuple[str, ...] = ()
 
     def __init__(self, engine: RolloutEngine, sampler: PromptSampler, prompts: Prompts, params: SamplingParams,
                  groups_per_step: int, reward: Reward, grad_norms: GradNorms | None = None):
@@ -168,6 +172,8 @@ class AsyncSource(_SampledSource):
 
     The checkpoint records what was in flight or finished but not trained on (as prompt ids and
     sizes); a resume generates those first, with the resumed weights."""
+    summed = ("rollout/stale_regenerated", "rollout/in_flight_groups", "rollout/weight_sync_bytes")
+    maxed = ("rollout/staleness_max",)
 
     def __init__(self, pool, sampler: PromptSampler, prompts: Prompts, params: SamplingParams, groups_per_step: int,
                  reward: Reward, *, max_staleness: int, seed: int, grad_norms: GradNorms | None = None):
@@ -266,6 +272,9 @@ class AprilSource(_SampledSource):
     (`sampler` is then a rlpost.curriculum.ShardSampler, built so in rlpost/build.py) and finishes
     its share of B (waves of its share of N'); the checkpoint holds every rank's buffer, and a resume
     must use the same world size (the buffers and prompt shares are per rank)."""
+    summed = tuple(f"april/{k}" for k in ("groups_submitted", "tokens_generated", "groups_finished", "groups_rejected",
+                                          "groups_recycled", "buffer_size"))
+    maxed = ("april/rollout_s",)
 
     def __init__(self, engine: RolloutEngine, sampler: PromptSampler, prompts: Prompts, params: SamplingParams,
                  groups_per_step: int, reward: Reward, tokenizer, *, submit_groups: int | None = None,
@@ -324,6 +333,9 @@ class DatasetSource:
     reference answers). The sampler (uniform epochs) picks B groups per step, group k for rank
     k % world; fresh copies are handed out, since rewards write into the samples."""
 
+    summed: tuple[str, ...] = ()
+    maxed: tuple[str, ...] = ()
+
     def __init__(self, groups: list[Group], sampler: PromptSampler, groups_per_step: int):
         if not groups:
             raise UserError("the response dataset is empty")
@@ -354,6 +366,7 @@ class RoundSource:
 
     def __init__(self, inner, steps_per_round: int):
         self.inner, self.steps_per_round = inner, steps_per_round
+        self.summed, self.maxed = inner.summed, inner.maxed
         self.step_in_round = 0  # steps of the current round already served
 
     def warm_up(self) -> dict[str, float]:

@@ -8,7 +8,9 @@
      and time of autograd, checkpointing and StreamBP at growing lengths;
   4. the hf engine's rollouts: 64 samples of 128 tokens, tokens per second;
   5. five steps of the main job (configs/grpo_math.yaml) on tiny-digits (SmolLM2's weights cannot be
-     carried; tiny-digits answers right often enough for GRPO to have a signal).
+     carried; tiny-digits answers right often enough for GRPO to have a signal);
+  6. the same with one rollout worker (rollout.placement=workers, max_staleness 1, the hf engine), on
+     the second GPU when there is one.
 One table on stdout, every number in runs/gpu_check.json. `--device cpu --quick` runs the same code on a
 CPU (how it is tested where no GPU is lent; bf16 is then off, as the learner only enables it on CUDA).
 """
@@ -90,7 +92,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--quick", action="store_true", help="small sizes (a CPU dry run)")
-    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="run only these checks")
+    parser.add_argument("--only", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="run only these checks")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here (use --device cpu --quick for a dry run on a CPU)", file=sys.stderr)
@@ -117,6 +119,8 @@ def main() -> int:
         engine_check(shape, args.device, args.quick, rows)
     if 5 in args.only:
         main_job(rows)
+    if 6 in args.only:
+        workers_job(args.device, rows)
     report(device_name, rows)
     return 0 if all(r["ok"] for r in rows) else 1
 
@@ -157,19 +161,28 @@ def engine_check(shape: str, device: str, quick: bool, rows: list[dict]) -> None
                  "tokens_per_s": tokens / seconds})
 
 
-def main_job(rows: list[dict]) -> None:
-    run_dir = REPO / "runs" / "gpu_check_main"
+def main_job(rows: list[dict], name: str = "gpu_check_main", extra: list[str] = (),
+             label: str = "main job, 5 steps (tiny-digits)") -> None:
+    run_dir = REPO / "runs" / name
     code, out = run([sys.executable, "-m", "rlpost.cli", "train", "configs/grpo_math.yaml", "--no-progress",
                      "--set", "model.name=tiny-digits", "--set", f"run.output_dir={run_dir}", "--set", "train.max_steps=5",
                      "--set", "eval.num_prompts=32", "--set", "eval.pass_k=1", "--set", "data.arithmetic.word_problems=false",
                      "--set", "rollout.max_new_tokens=6", "--set", "data.arithmetic.num_operations=1",
-                     "--set", "checkpoint.every=5"], 3600)
+                     "--set", "checkpoint.every=5", *[x for o in extra for x in ("--set", o)]], 3600)
     steps = []
     if (run_dir / "metrics.jsonl").exists():
         steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step_s"' in line]
-    rows.append({"check": "main job, 5 steps (tiny-digits)", "ok": code == 0 and len(steps) >= 5,
+    rows.append({"check": label, "ok": code == 0 and len(steps) >= 5,
                  "s_per_step": sum(r["step_s"] for r in steps[1:]) / max(len(steps) - 1, 1) if steps else None,
                  "reward": [r.get("reward") for r in steps], **({} if code == 0 else {"error": out[-1500:]})})
+
+
+def workers_job(device: str, rows: list[dict]) -> None:
+    """6. the same job with one rollout worker (hf engine; on its own GPU when there are two), k = 1."""
+    worker = "cuda:1" if device == "cuda" and torch.cuda.device_count() > 1 else ("cuda:0" if device == "cuda" else "cpu")
+    main_job(rows, "gpu_check_workers", ["rollout.placement=workers", "rollout.engine=hf", "rollout.max_staleness=1",
+                                         f"rollout.worker_devices=[{worker}]"],
+             f"main job, 5 steps, one rollout worker on {worker} (max_staleness 1)")
 
 
 def report(device_name: str, rows: list[dict]) -> None:

@@ -50,6 +50,9 @@ class ToyEngine:
     def load_weights(self, named_tensors, version):
         self.version = version
 
+    def close(self):
+        pass
+
 
 def toy_group(prompt_id):
     """A pending group of 2 whose members' prompts are [prompt_id, member], as the ToyEngine expects."""

@@ -99,3 +99,20 @@ def test_shard_sampler_speaks_global_ids_and_learns_only_its_share():
     other = ShardSampler(CuresSampler(5, seed=0, rollouts_per_prompt=4), ids=[0, 2, 4, 6, 8])
     with pytest.raises(ValueError, match="another share"):
         other.load_state_dict(state)
+
+
+def test_grad_norm_allocation_runs_through_the_trainer(tmp_path, digit_model):
+    """The source asks the learner for per-response gradient norms only when the sampler wants them
+    (rlpost/build.py make_source): CurES with allocation=grad_norm trains two steps end to end."""
+    from conftest import REPO
+    from rlpost.config import load_config
+    from rlpost.metrics import read_metrics
+    from rlpost.trainer import train
+    cfg = load_config(REPO / "configs" / "cures_math.yaml", [
+        f"model.name={digit_model}", f"run.output_dir={tmp_path / 'run'}", "curriculum.allocation=grad_norm",
+        "data.arithmetic.train_size=12", "data.arithmetic.test_size=4", "rollout.prompts_per_step=2",
+        "rollout.group_size=4", "rollout.max_new_tokens=6", "curriculum.init_rollouts=2", "eval.num_prompts=2",
+        "eval.at_start=false", "train.max_steps=2", "train.micro_batch_size=8", "eval.pass_k=1"])
+    train(cfg, show_progress=False)
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r]
+    assert len(rows) == 2 and all(r["curriculum/mean_k"] >= 2 for r in rows)
