@@ -37,11 +37,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/grpo_math.yaml"
-RECIPE_LR = 2.0e-5  # configs/grpo_math.yaml's train.lr
+sys.path.insert(0, str(REPO))
+
+
+def recipe_lr() -> float:
+    from rlpost.config import load_config
+    return load_config(REPO / CONFIG).train.lr
 
 
 def arms(lora_lr: float) -> dict[str, list[str]]:
-    lora = ["model.lora.alpha=32", "model.lora.target_modules=all-linear", f"train.lr={lora_lr}"]
+    lora = ["model.lora.alpha=32", f"train.lr={lora_lr}"]  # every linear layer: the default target
     return {"full": ["model.lora=null"], "lora16": ["model.lora.r=16", *lora], "lora1": ["model.lora.r=1", *lora]}
 
 
@@ -91,13 +96,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="training steps per arm (train.max_steps)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lora-lr", type=float, default=10 * RECIPE_LR)
+    parser.add_argument("--lora-lr", type=float, default=None, help="default: 10 x the recipe's train.lr")
     parser.add_argument("--arms", nargs="+", default=["full", "lora16", "lora1"], choices=["full", "lora16", "lora1"])
     parser.add_argument("--out", default="runs/bench_lora")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override for every arm (e.g. a smoke test: --set model.name=tiny-random)")
     args = parser.parse_args()
     out = (REPO / args.out).resolve()
+    if args.lora_lr is None:
+        args.lora_lr = 10 * recipe_lr()
     common = [f"train.max_steps={args.steps}", f"run.seed={args.seed}", "checkpoint.every=0", *args.overrides]
     results = []
     for name in args.arms:
