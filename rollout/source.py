@@ -119,6 +119,24 @@ class _SampledSource:
         self.sampler.load_state_dict(state["sampler"])
 
 
+def every_rank(mine: dict) -> dict:
+    """State that differs per rank: this rank's alone on one rank, every rank's on several (a collective)."""
+    if world()[1] == 1:
+        return mine
+    everyone: list = [None] * world()[1]
+    torch.distributed.all_gather_object(everyone, mine)
+    return {"world_size": world()[1], "ranks": everyone}
+
+
+def this_rank(state: dict, what: str) -> dict:
+    """This rank's part of every_rank's state; another world size is an error naming `what` is per rank."""
+    saved = state.get("world_size", 1)
+    if saved != world()[1]:
+        raise ValueError(f"{what}: this checkpoint was written by {saved} rank(s), this run has {world()[1]}; "
+                         f"resume it on {saved}")
+    return state["ranks"][world()[0]] if "ranks" in state else state
+
+
 def request_seed(run_seed: int, index: int) -> int:
     """The seed of the `index`-th generation request of a run (rollout.seed_requests, and always for
     rollout workers): what is sampled depends on the request, not on which process runs it or when."""
@@ -245,19 +263,10 @@ class AsyncSource(_SampledSource):
         several ranks: every rank's part)."""
         owed = self.again + [item for items in self.in_flight.values() for item in items]
         owed += [(g.prompt_id, len(g.samples)) for g in self.finished]
-        mine = {**super().state_dict(), "requests": self.requests, "owed": owed}
-        if world()[1] == 1:
-            return mine
-        everyone: list = [None] * world()[1]
-        torch.distributed.all_gather_object(everyone, mine)
-        return {"world_size": world()[1], "ranks": everyone}
+        return every_rank({**super().state_dict(), "requests": self.requests, "owed": owed})
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state.get("world_size", 1)
-        if saved != world()[1]:
-            raise ValueError(f"rollout workers keep one share of the prompts per rank: this checkpoint was written "
-                             f"by {saved} rank(s), this run has {world()[1]}; resume it on {saved}")
-        mine = state["ranks"][world()[0]] if "ranks" in state else state
+        mine = this_rank(state, "rollout workers keep one share of the prompts per rank")
         super().load_state_dict(mine)
         self.requests, self.again = mine["requests"], [tuple(x) for x in mine["owed"]]
 
@@ -310,20 +319,10 @@ class AprilSource(_SampledSource):
 
     def state_dict(self) -> dict:
         """Every rank's sampler and buffer (a collective on several ranks)."""
-        mine = {**super().state_dict(), "april": self.scheduler.state_dict()}
-        if world()[1] == 1:
-            return mine
-        everyone: list = [None] * world()[1]
-        torch.distributed.all_gather_object(everyone, mine)
-        return {"world_size": world()[1], "ranks": everyone}
+        return every_rank({**super().state_dict(), "april": self.scheduler.state_dict()})
 
     def load_state_dict(self, state: dict) -> None:
-        rank, world_size = world()
-        saved = state.get("world_size", 1)
-        if saved != world_size:
-            raise ValueError(f"APRIL keeps one buffer and prompt share per rank: this checkpoint was written by "
-                             f"{saved} rank(s), this run has {world_size}; resume it on {saved}")
-        mine = state["ranks"][rank] if "ranks" in state else state
+        mine = this_rank(state, "APRIL keeps one buffer and prompt share per rank")
         super().load_state_dict(mine)
         self.scheduler.load_state_dict(mine["april"])
 

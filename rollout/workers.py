@@ -39,6 +39,7 @@ import torch
 from rollout.types import Sample, SamplingParams, UserError
 
 BUCKET_BYTES = 64 * 2 ** 20  # weights go over in flat buckets of at most this many bytes
+MAX_RESTARTS = 3  # restart_workers: a run whose workers keep failing stops after this many restarts
 
 
 class WorkerFailure(RuntimeError):
@@ -167,6 +168,7 @@ class WorkerPool:
         self._generation = itertools.count()
         self._last_weights: list[tuple] | None = None  # what a restarted worker gets (restart=True only)
         self.sync_bytes = 0
+        self._restarts = 0
         self.workers = [self._start(k) for k in range(len(specs))]
         for worker in self.workers:
             self._wait_ready(worker)
@@ -270,8 +272,10 @@ class WorkerPool:
     def _failed(self, worker: _Worker, why: str) -> None:
         """Stop the run with one line, or (restart) start the worker afresh with the latest weights
         and its pending requests again."""
-        if not self.restart:
-            raise WorkerFailure(f"rollout worker {worker.index} (pid {worker.process.pid}) {why}")
+        self._restarts += 1
+        if not self.restart or self._restarts > MAX_RESTARTS:
+            again = f" (restarted {MAX_RESTARTS} times already)" if self.restart else ""
+            raise WorkerFailure(f"rollout worker {worker.index} (pid {worker.process.pid}) {why}{again}")
         pending = list(worker.pending.items())
         fresh = self._start(worker.index)
         self.workers[worker.index] = fresh

@@ -206,9 +206,15 @@ def test_eval_numbers_do_not_depend_on_the_world_size(april_two_ranks):
         assert one[key] == two[key], key
 
 
-def test_two_nodes_with_the_deepspeed_launcher(tmp_path, digit_model):
+WORKERS = ["rollout.placement=workers", "rollout.engine=hf", "rollout.worker_threads=1", "rollout.learner_threads=1"]
+
+
+@pytest.mark.parametrize("placement", ["colocated", "workers"])
+def test_two_nodes_with_the_deepspeed_launcher(tmp_path, digit_model, placement):
     """Two launcher invocations on this machine as node 0 and node 1 of a hostfile (one process each,
-    no ssh: --no_ssh --node_rank), as on two hosts without passwordless ssh; trains two steps."""
+    no ssh: --no_ssh --node_rank), as on two hosts without passwordless ssh; trains two steps. With
+    rollout workers each node's rank starts and reaches its own worker (a TCP store on that node's
+    loopback), as on two hosts."""
     launcher = deepspeed_launcher()
     from conftest import subprocess_env
     from rlpost.metrics import read_metrics
@@ -222,7 +228,7 @@ def test_two_nodes_with_the_deepspeed_launcher(tmp_path, digit_model):
                                "--master_addr", "127.0.0.1", "--master_port", str(port), "--module", "rlpost.cli",
                                "train", "configs/grpo_math.yaml", "--no-progress",
                                *_sets(*SMALL, f"model.name={digit_model}", f"run.output_dir={run}", "train.max_steps=2",
-                                      "eval.at_start=false")],
+                                      "eval.at_start=false", *(WORKERS if placement == "workers" else []))],
                               cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for node in (0, 1)]
     logs = [p.communicate(timeout=900)[0] for p in procs]
@@ -230,3 +236,5 @@ def test_two_nodes_with_the_deepspeed_launcher(tmp_path, digit_model):
     assert (run / "checkpoints" / "latest").resolve().name == "step_2"
     rows = [r for r in read_metrics(run) if "groups" in r]
     assert [r["step"] for r in rows] == [1, 2] and all(r["groups"] == 4 for r in rows)
+    if placement == "workers":
+        assert all(r["rollout/staleness_max"] == 0 for r in rows)

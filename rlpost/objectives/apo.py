@@ -39,7 +39,7 @@ class APO(DPO):
         self.alpha = cfg.apo.alpha
         self.latest, self.previous = frozen["latest"], frozen["previous"]  # pi_t and pi_(t-1), frozen copies
         self.policy_weights = policy_weights  # () -> (name, tensor) pairs of the learner's trained tensors
-        self.round, self.rounds_every = 0, cfg.apo.steps_per_round
+        self.round, self.round_steps = 0, cfg.apo.steps_per_round
         self.step_in_round = 0  # steps of the current round already trained (the source counts the same)
         self._parts: list = []  # the round's (packed pair rows, reference chosen, reference rejected)
         self._num_pairs = 0
@@ -63,7 +63,7 @@ class APO(DPO):
 
     def micro_batches(self, groups: list[Group], advantages, version: int) -> list[PairBatch]:
         start = self.step_in_round == 0  # every rank starts the round, with or without groups of its own
-        self.step_in_round = (self.step_in_round + 1) % self.rounds_every
+        self.step_in_round = (self.step_in_round + 1) % self.round_steps
         if start:  # the first step of a round: new samples (none on a rank the source gave no group)
             self.round += 1
             if self.round > 1:
