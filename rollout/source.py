@@ -66,9 +66,14 @@ def generate_groups(engine: RolloutEngine, prompts: Prompts, prompt_ids: list[in
                     params: SamplingParams) -> list[Group]:
     """group_sizes[k] samples for prompt prompt_ids[k], all generated in one engine call."""
     requests = [prompts.prompt_ids[i] for i, k in zip(prompt_ids, group_sizes) for _ in range(k)]
-    samples = iter(engine.generate(requests, params))
+    return as_groups(prompts, list(zip(prompt_ids, group_sizes)), engine.generate(requests, params))
+
+
+def as_groups(prompts: Prompts, items: list[tuple[int, int]], samples: list[Sample]) -> list[Group]:
+    """The samples of one engine call (k per prompt, in order) as one group per (prompt id, k)."""
+    it = iter(samples)
     return [Group(prompt_id=i, prompt=prompts.problems[i].question, answer=prompts.problems[i].answer,
-                  samples=[next(samples) for _ in range(k)]) for i, k in zip(prompt_ids, group_sizes)]
+                  samples=[next(it) for _ in range(k)]) for i, k in items]
 
 
 class _SampledSource:
@@ -229,18 +234,14 @@ class AsyncSource(_SampledSource):
             self._submit(mine)
             queued += len(mine)
 
-    def _groups(self, request_id: int, samples: list[Sample]) -> list[Group]:
-        it, problems = iter(samples), self.prompts.problems
-        return [Group(prompt_id=i, prompt=problems[i].question, answer=problems[i].answer,
-                      samples=[next(it) for _ in range(k)]) for i, k in self.in_flight.pop(request_id)]
-
     def next_groups(self, version: int) -> tuple[list[Group], dict[str, float]]:
         self._fill()
         regenerated = 0
         while True:
-            fresh = [g for g in self.finished if version - min(min(s.versions, default=version) for s in g.samples)
-                     <= self.max_staleness]
-            stale = [g for g in self.finished if g not in fresh]
+            fresh, stale = [], []
+            for g in self.finished:
+                oldest = min(min(s.versions, default=version) for s in g.samples)
+                (fresh if version - oldest <= self.max_staleness else stale).append(g)
             if stale:  # too old to train on: generated again, with the weights the workers have now
                 regenerated += len(stale)
                 self._submit([(g.prompt_id, len(g.samples)) for g in stale])
@@ -249,7 +250,7 @@ class AsyncSource(_SampledSource):
                 break
             self.engine.wait_any(list(self.in_flight))
             for request_id, samples in sorted(self.engine.take(list(self.in_flight), block=False).items()):
-                self.finished += self._groups(request_id, samples)
+                self.finished += as_groups(self.prompts, self.in_flight.pop(request_id), samples)
         groups, self.finished = self.finished[:self.share], self.finished[self.share:]
         lags = [version - v for g in groups for s in g.samples for v in s.versions]
         return groups, {"rollout/staleness_mean": sum(lags) / max(len(lags), 1),
