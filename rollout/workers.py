@@ -167,6 +167,7 @@ class WorkerPool:
         self._done: dict[int, list[Sample]] = {}
         self._generation = itertools.count()
         self._last_weights: list[tuple] | None = None  # what a restarted worker gets (restart=True only)
+        self._sending: list[tuple] | None = None  # during load_weights (restart=True): the buckets sent so far
         self.sync_bytes = 0
         self._restarts = 0
         self.workers = [self._start(k) for k in range(len(specs))]
@@ -280,8 +281,8 @@ class WorkerPool:
         fresh = self._start(worker.index)
         self.workers[worker.index] = fresh
         self._wait_ready(fresh)
-        if self._last_weights is not None:
-            self._send(fresh, self._last_weights)
+        for bucket, flat in (self._last_weights or []) + (self._sending or []):  # the latest version so far
+            self._send_bucket(fresh, bucket, flat)
         for request_id, (prompts, params) in pending:  # the same ids: whoever waits for them still does
             fresh.pending[request_id] = (prompts, params)
             fresh.requests.put(("generate", request_id, prompts, params))
@@ -296,7 +297,7 @@ class WorkerPool:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Every tensor to every worker, bucket by bucket as the iterator yields them (under ZeRO-3 the
         learner gathers one bucket at a time); the workers apply them between engine calls."""
-        kept = [] if self.restart else None
+        kept = self._sending = [] if self.restart else None
         entries, tensors, size, dtype = [], [], 0, None
 
         def flush(last: bool):
@@ -313,15 +314,18 @@ class WorkerPool:
             entries, tensors, size = [], [], 0
 
         self.sync_bytes = 0
-        for name, tensor in named_tensors:
-            tensor = tensor.detach().to("cpu", copy=True).contiguous()
-            if tensors and (tensor.dtype != dtype or size + tensor.numel() * tensor.element_size() > BUCKET_BYTES):
-                flush(False)
-            dtype = tensor.dtype
-            entries.append((name, tuple(tensor.shape)))
-            tensors.append(tensor)
-            size += tensor.numel() * tensor.element_size()
-        flush(True)
+        try:
+            for name, tensor in named_tensors:
+                tensor = tensor.detach().to("cpu", copy=True).contiguous()
+                if tensors and (tensor.dtype != dtype or size + tensor.numel() * tensor.element_size() > BUCKET_BYTES):
+                    flush(False)
+                dtype = tensor.dtype
+                entries.append((name, tuple(tensor.shape)))
+                tensors.append(tensor)
+                size += tensor.numel() * tensor.element_size()
+            flush(True)
+        finally:
+            self._sending = None
         if kept is not None:
             self._last_weights = self._merge_kept(kept)
         self.version = version
@@ -335,20 +339,24 @@ class WorkerPool:
         old = [(b, f) for b, f in self._last_weights if not names & {n for n, _ in b[2]}]
         return [(("bucket", b[1], b[2], b[3], b[4], False), f) for b, f in old] + kept
 
-    def _send(self, worker: _Worker, buckets: list) -> None:
-        for bucket, flat in buckets:
-            self._send_bucket(worker, bucket, flat)
-
     def _send_bucket(self, worker: _Worker, bucket: tuple, flat: torch.Tensor) -> None:
+        """One bucket to one worker. A worker that is dead, or does not take it within timeout_s (hung),
+        fails (_failed); when it is restarted, the fresh one gets the latest full picture, the buckets
+        of this version sent so far, and then this one, so it never stages a mix of two versions."""
         if not worker.process.is_alive():
-            self._failed(worker, f"died (exit code {worker.process.exitcode})")
-            return
-        worker.weights.put(bucket)
-        try:
-            worker.group.send([flat], 1, 0).wait()
-        except RuntimeError as e:
-            raise WorkerFailure(f"rollout worker {worker.index} (pid {worker.process.pid}) did not take the weights "
-                                f"(version {bucket[1]}): {str(e).splitlines()[0][:200]}") from None
+            why = f"died (exit code {worker.process.exitcode})"
+        else:
+            worker.weights.put(bucket)
+            try:
+                worker.group.send([flat], 1, 0).wait()
+                return
+            except RuntimeError as e:
+                worker.process.kill()
+                worker.process.join(timeout=10)
+                why = (f"did not take the weights (version {bucket[1]}) within rollout.worker_timeout_s="
+                       f"{self.timeout_s:g} s ({str(e).splitlines()[0][:120]}); killed it")
+        self._failed(worker, why)
+        self._send_bucket(self.workers[worker.index], bucket, flat)
 
 
 def worker_specs(kind: str, model: str, devices: list[str] | None, count: int, threads: int | None,

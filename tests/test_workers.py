@@ -76,12 +76,13 @@ def test_bad_worker_settings_are_one_clear_line():
         load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.max_staleness=-1"])
 
 
-def _run_and_kill_worker(tmp_path, model, *extra):
-    """`rlpost train` in a child process; once step 1 is logged, its rollout worker is killed."""
+def _run_and_kill_worker(tmp_path, model, *extra, signal=9, timeout_s=60):
+    """`rlpost train` in a child process; once step 1 is logged, its rollout worker gets `signal`
+    (9: killed, the process dies; 19, SIGSTOP: hung, alive but silent from then on)."""
     import psutil
     run = tmp_path / "run"
     args = [*SMALL, f"model.name={model}", "train.max_steps=4", f"run.output_dir={run}", "checkpoint.every=1",
-            "rollout.placement=workers", "rollout.worker_timeout_s=60", *THREADS, *extra]
+            "rollout.placement=workers", *THREADS, f"rollout.worker_timeout_s={timeout_s}", *extra]
     proc = subprocess.Popen([sys.executable, "-m", "rlpost.cli", "train", "configs/grpo_math.yaml", "--no-progress",
                              *[x for a in args for x in ("--set", a)]], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -94,7 +95,7 @@ def _run_and_kill_worker(tmp_path, model, *extra):
                and "spawn_main" in " ".join(c.cmdline())]
     assert workers, "no rollout worker process found"
     for w in workers:
-        w.kill()
+        w.send_signal(signal)
     out, err = proc.communicate(timeout=600)
     return proc.returncode, err, run
 
@@ -109,6 +110,29 @@ def test_a_killed_worker_stops_the_run_with_one_line_and_the_checkpoint(tmp_path
 
 def test_a_killed_worker_is_restarted_when_asked(tmp_path, digit_model):
     code, err, run = _run_and_kill_worker(tmp_path, digit_model, "rollout.restart_workers=true")
+    assert code == 0, err[-2000:]
+    assert len(_rows(run)) == 4
+
+
+def test_a_hung_worker_is_noticed_within_its_timeout_and_stops_the_run_with_one_line(tmp_path, digit_model):
+    """SIGSTOP: the worker stays alive and never answers. The learner waits at most
+    rollout.worker_timeout_s for it (a result or a weight transfer), then stops with one line naming
+    the worker, the checkpoint of step 1 intact."""
+    import signal
+    start = time.time()
+    code, err, run = _run_and_kill_worker(tmp_path, digit_model, signal=signal.SIGSTOP, timeout_s=20)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code != 0 and "Traceback" not in err, err[-2000:]
+    assert "rollout worker 0" in lines[-1] and "--resume" in lines[-1], lines[-1]
+    assert "worker_timeout_s=20" in lines[-1] or "did not take the weights" in lines[-1], lines[-1]
+    assert (run / "checkpoints" / "step_1" / "hf" / "model.safetensors").is_file()
+    assert time.time() - start < 600  # bounded: the run ended by itself (communicate's limit not hit)
+
+
+def test_a_hung_worker_is_killed_and_restarted_when_asked(tmp_path, digit_model):
+    import signal
+    code, err, run = _run_and_kill_worker(tmp_path, digit_model, "rollout.restart_workers=true",
+                                          signal=signal.SIGSTOP, timeout_s=20)
     assert code == 0, err[-2000:]
     assert len(_rows(run)) == 4
 
