@@ -134,8 +134,10 @@ def make_source(cfg: Config, engine, data: RunData, tokenizer, reward, keep, lea
                     return learner.head_gradient_norms(pack(samples, tokenizer.pad_token_id), r.temperature)
             common = (engine, sampler, data.train_prompts, params, r.prompts_per_step, reward)
             if r.scheduler == "april":
+                workers = r.placement == "workers"  # then async when max_staleness > 0 (rollout/april.py)
                 source = AprilSource(*common, tokenizer, submit_groups=r.april_submit_groups, keep=keep,
-                                     grad_norms=grad_norms)
+                                     grad_norms=grad_norms, max_staleness=r.max_staleness if workers else None,
+                                     keep_running=workers and r.max_staleness > 0)
             elif r.placement == "workers":
                 source = AsyncSource(*common, max_staleness=r.max_staleness, seed=cfg.run.seed, grad_norms=grad_norms)
             else:

@@ -122,7 +122,8 @@ class RolloutConfig(Section):
     # Where the engine runs (rollout/workers.py, docs/rollout.md#rollout-workers). colocated: in the
     # learner's process, rollout then train. workers: `workers` processes per learner rank, each with
     # its own engine, generating up to `max_staleness` policy versions ahead of the learner (0:
-    # synchronous through the workers); their weights arrive over gloo while they generate.
+    # synchronous through the workers); their weights arrive over gloo while they generate. With
+    # scheduler april and max_staleness >= 1 APRIL's unfinished requests keep running across updates.
     placement: Literal["colocated", "workers"] = "colocated"
     workers: int = Field(1, ge=1)            # rollout worker processes per learner rank
     worker_devices: list[str] | None = None  # one device per worker, e.g. [cuda:1]; None: cpu for all
@@ -352,9 +353,9 @@ class Config(Section):
         if self.algorithm == "reward_model" and self.rollout.scheduler != "dataset":
             raise ValueError("algorithm=reward_model trains on preference pairs from a file: set rollout.scheduler=dataset "
                              "and data.source")
-        if self.rollout.placement == "workers" and self.rollout.scheduler != "sync":
-            raise ValueError(f"rollout.placement=workers runs with rollout.scheduler=sync (got {self.rollout.scheduler}): "
-                             f"fixed responses need no engine, and APRIL on the workers' side is not built yet")
+        if self.rollout.placement == "workers" and self.rollout.scheduler == "dataset":
+            raise ValueError("rollout.placement=workers generates rollouts (rollout.scheduler sync or april); "
+                             "rollout.scheduler=dataset's fixed responses need no engine")
         if self.reward.user_scorers and self.rollout.scheduler == "dataset":
             raise ValueError("reward.functions score generated rollouts (rollout.scheduler sync or april); "
                              "a file's responses arrive labelled")

@@ -71,6 +71,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     with run_lock(run_dir):
         try:
             with contextlib.ExitStack() as cleanup:  # worker processes stop however the run ends
+                cleanup.callback(torch.set_num_threads, torch.get_num_threads())  # workers split the cores
                 return _train(cfg, run_dir, resume, show_progress, cleanup)
         except (UserError, KeyboardInterrupt):
             raise

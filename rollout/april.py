@@ -12,6 +12,17 @@ abort the rest and keep their partial work for the next step.
 Every generated token keeps its behaviour log-prob and the policy version that sampled it, so the
 trainer can measure staleness and mask or reweight stale tokens (rlpost/algorithms/grpo.py).
 The engine is any StreamingEngine (rollout/engine.py). Evaluation must not go through this class.
+
+On rollout workers (rollout/workers.py) two things change, both off by default (the colocated
+scheduler above is unchanged):
+  max_staleness k : a finished group with a token more than k versions older than the learner's is
+             not trained on: its members are cleared and generated again (counted as
+             stale_regenerated), as the workers' plain source does
+  keep_running : the "stop" above aborts nothing: the requests in flight go on generating on the
+             workers while the learner trains (their later tokens carry the newer version), and
+             the next step starts with them. This is what makes APRIL asynchronous (slime's
+             partial rollouts across weight updates); the checkpoint records those groups with the
+             tokens that had come back, and a resume continues them from there.
 """
 from __future__ import annotations
 
@@ -46,7 +57,8 @@ def stale_fraction(groups: list[Group], version: int) -> float:
 class AprilScheduler:
     def __init__(self, engine: StreamingEngine, target_groups: int, submit_groups: int | None = None, *,
                  max_new_tokens: int, params: SamplingParams,
-                 accept: Callable[[Group], bool] | None = None):
+                 accept: Callable[[Group], bool] | None = None, max_staleness: int | None = None,
+                 keep_running: bool = False):
         self.engine = engine
         self.target_groups = target_groups                      # B
         self.submit_groups = submit_groups or 2 * target_groups  # N', the wave size
@@ -56,6 +68,9 @@ class AprilScheduler:
         self.params = params
         self.accept = accept
         self.buffer: deque[Group] = deque()
+        self.max_staleness, self.keep_running = max_staleness, keep_running
+        self.active: list[Group] = []  # keep_running: submitted, not accepted yet (requests may be running)
+        self.in_flight: dict[str, tuple[Group, int]] = {}
         self._request_ids = itertools.count()
 
     def rollout(self, fresh: Callable[[int], list[Group]], version: int) -> tuple[list[Group], dict[str, float]]:
@@ -64,11 +79,11 @@ class AprilScheduler:
         start = time.perf_counter()
         accepted: list[Group] = []
         rejected: list[Group] = []  # dropped by the filter, not recycled (as the reference does)
-        submitted: list[Group] = []
-        in_flight: dict[str, tuple[Group, int]] = {}
-        counted = 0  # groups in flight or accepted, as §2.3 counts them
-        stats = {"groups_submitted": 0.0, "tokens_generated": 0.0}
-        done_queue: list[Group] = []
+        submitted, self.active = self.active, []  # keep_running: the groups still going from the last step
+        in_flight = self.in_flight
+        counted = len(submitted)  # groups in flight or accepted, as §2.3 counts them
+        stats = {"groups_submitted": 0.0, "tokens_generated": 0.0, "stale_regenerated": 0.0}
+        done_queue: list[Group] = [g for g in submitted if is_done(g)]
         while len(accepted) < self.target_groups:
             while counted < self.target_groups:
                 wave = [self.buffer.popleft() for _ in range(min(self.submit_groups, len(self.buffer)))]
@@ -92,22 +107,42 @@ class AprilScheduler:
                         done_queue.append(group)
             while done_queue and len(accepted) < self.target_groups:
                 group = done_queue.pop(0)
-                if self.accept is None or self.accept(group):
+                if self._too_stale(group, version):  # generated again, from the start
+                    stats["stale_regenerated"] += 1
+                    group.samples = [Sample(list(s.prompt_ids), [], [], FinishReason.ABORT, versions=[])
+                                     for s in group.samples]
+                    self._submit(group, in_flight)
+                elif self.accept is None or self.accept(group):
                     accepted.append(group)
                 else:
                     rejected.append(group)
                     counted -= 1
         waited = time.perf_counter() - start
-        for request_id, (group, member) in list(in_flight.items()):
-            stats["tokens_generated"] += self._merge(group.samples[member], self.engine.abort(request_id), version)
         used = {id(g) for g in accepted + rejected}
         recycled = [g for g in submitted if id(g) not in used]  # in submission order: FIFO
-        self.buffer.extend(recycled)
+        if self.keep_running:  # they go on generating while the learner trains
+            self.active = recycled
+        else:
+            for request_id, (group, member) in list(in_flight.items()):
+                stats["tokens_generated"] += self._merge(group.samples[member], self.engine.abort(request_id), version)
+            in_flight.clear()
+            self.buffer.extend(recycled)
+        if self.max_staleness is None:
+            del stats["stale_regenerated"]
+        else:  # on the workers: how far behind the learner the trained tokens are, at most
+            stats["staleness_max"] = float(max((version - v for g in accepted for s in g.samples for v in s.versions),
+                                               default=0))
         stats.update(groups_finished=float(len(accepted)), groups_rejected=float(len(rejected)),
                      groups_recycled=float(len(recycled)),
                      buffer_size=float(len(self.buffer)), stale_fraction=stale_fraction(accepted, version),
                      rollout_s=waited)
         return accepted, stats
+
+    def _too_stale(self, group: Group, version: int) -> bool:
+        if self.max_staleness is None:
+            return False
+        oldest = min((v for s in group.samples for v in s.versions), default=version)
+        return version - oldest > self.max_staleness
 
     def _submit(self, group: Group, in_flight: dict[str, tuple[Group, int]]) -> None:
         for member, sample in enumerate(group.samples):
@@ -133,11 +168,14 @@ class AprilScheduler:
         return len(out.response_ids)
 
     def state_dict(self) -> dict:
-        """The buffer (partial work and prompts not yet trained on) is part of the checkpoint."""
+        """The buffer (partial work and prompts not yet trained on) is part of the checkpoint; with
+        keep_running, the groups still generating too, each member with the tokens that came back
+        (a running request's tokens come back when it finishes: a resume generates those again)."""
         return {"buffer": [{**dataclasses.asdict(g), "samples": [{**dataclasses.asdict(s), "finish_reason": s.finish_reason.value}
-                                                              for s in g.samples]} for g in self.buffer]}
+                                                              for s in g.samples]} for g in [*self.active, *self.buffer]]}
 
     def load_state_dict(self, state: dict) -> None:
+        self.active, self.in_flight = [], {}
         self.buffer = deque(
             Group(g["prompt_id"], g["prompt"], g["answer"],
                   [Sample(**{**s, "finish_reason": FinishReason(s["finish_reason"])}) for s in g["samples"]])

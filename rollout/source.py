@@ -281,14 +281,17 @@ class AprilSource(_SampledSource):
     On N ranks every rank runs its own engine, scheduler and buffer over its own share of the prompts
     (`sampler` is then a rlpost.curriculum.ShardSampler, built so in rlpost/build.py) and finishes
     its share of B (waves of its share of N'); the checkpoint holds every rank's buffer, and a resume
-    must use the same world size (the buffers and prompt shares are per rank)."""
+    must use the same world size (the buffers and prompt shares are per rank). On rollout workers
+    (`engine` is the WorkerPool) the scheduler bounds staleness by `max_staleness` and, with
+    `keep_running`, leaves the requests in flight running while the learner trains (rollout/april.py)."""
     summed = tuple(f"april/{k}" for k in ("groups_submitted", "tokens_generated", "groups_finished", "groups_rejected",
-                                          "groups_recycled", "buffer_size"))
-    maxed = ("april/rollout_s",)
+                                          "groups_recycled", "buffer_size", "stale_regenerated"))
+    maxed = ("april/rollout_s", "april/staleness_max")
 
     def __init__(self, engine: RolloutEngine, sampler: PromptSampler, prompts: Prompts, params: SamplingParams,
                  groups_per_step: int, reward: Reward, tokenizer, *, submit_groups: int | None = None,
-                 keep: Keep | None = None, grad_norms: GradNorms | None = None):
+                 keep: Keep | None = None, grad_norms: GradNorms | None = None, max_staleness: int | None = None,
+                 keep_running: bool = False):
         super().__init__(engine, sampler, prompts, params, groups_per_step, reward, grad_norms)
         if not isinstance(engine, StreamingEngine):
             raise UserError(f"rollout.scheduler=april needs a streaming engine; {type(engine).__name__} is not one")
@@ -299,7 +302,8 @@ class AprilSource(_SampledSource):
                             f"APRIL needs at least one group per rank")
         waves = max(target, -(-(submit_groups or 2 * groups_per_step) // world()[1]))
         self.scheduler = AprilScheduler(engine, target, waves, max_new_tokens=params.max_new_tokens,
-                                        params=params, accept=self._accept)
+                                        params=params, accept=self._accept, max_staleness=max_staleness,
+                                        keep_running=keep_running)
 
     def _accept(self, group: Group) -> bool:
         for sample in group.samples:

@@ -97,21 +97,42 @@ def worker_main(index: int, spec: WorkerSpec, port: int, prefix: str, requests, 
     receiver = threading.Thread(target=_receive_weights, args=(group, weights, staged, lock, results, index),
                                 daemon=True)
     receiver.start()
-    while True:
-        message = requests.get()
-        if message[0] == "stop":
-            break
-        _, request_id, prompts, params = message
+
+    def apply_staged():  # between engine calls: every version staged so far, in order
         with lock:
             updates, staged[:] = list(staged), []
-        for version, named in updates:  # between engine calls: every version staged so far, in order
+        for version, named in updates:
             engine.load_weights(named, version)
+
+    streams: set[str] = set()  # APRIL's requests running in the engine (add / step / abort)
+    while True:
         try:
-            samples = engine.generate(prompts, params)
+            message = requests.get(block=not streams)  # while streams run: only what has come already
+        except queue.Empty:
+            message = None
+        try:
+            if message is None:
+                apply_staged()
+                for request_id, sample in engine.step():
+                    streams.discard(request_id)
+                    results.put(("streamed", index, request_id, sample))
+                continue
+            kind, request_id = message[0], message[1] if len(message) > 1 else None
+            if kind == "stop":
+                break
+            apply_staged()
+            if kind == "generate":
+                results.put(("done", index, request_id, engine.generate(*message[2:])))
+            elif kind == "add":
+                engine.add_request(request_id, *message[2:])
+                streams.add(request_id)
+            elif kind == "abort":  # one that finished already was sent as streamed: None says so
+                sample = engine.abort(request_id) if request_id in streams else None
+                streams.discard(request_id)
+                results.put(("aborted", index, request_id, sample))
         except Exception as e:  # noqa: BLE001
             results.put(("error", index, f"request {request_id} failed: {type(e).__name__}: {e}"))
             return
-        results.put(("done", index, request_id, samples))
 
 
 def _receive_weights(group, weights, staged: list, lock: threading.Lock, results, index: int) -> None:
@@ -152,7 +173,12 @@ class _Worker:
         self.ready = False         # its engine is built
         self.group = None          # connected once the worker is up (the constructor waits for both sides)
         self.pending: dict[int, tuple] = {}  # request id -> the request, until its result comes back
+        self.streams: dict[str, tuple] = {}  # APRIL's streamed requests: id -> (prompt ids, params)
         self.last_heard = time.time()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending or self.streams)
 
 
 class WorkerPool:
@@ -170,6 +196,9 @@ class WorkerPool:
         self._sending: list[tuple] | None = None  # during load_weights (restart=True): the buckets sent so far
         self.sync_bytes = 0
         self._restarts = 0
+        self._streamed: dict[str, Sample] = {}  # streamed requests finished or aborted, not handed out yet
+        self._aborted: set[str] = set()         # their abort was answered
+        self._aborting: set[str] = set()
         self.workers = [self._start(k) for k in range(len(specs))]
         for worker in self.workers:
             self._wait_ready(worker)
@@ -204,7 +233,7 @@ class WorkerPool:
         """Queue a request on worker `worker`; returns its id (its samples come back from `take`)."""
         request_id = next(self._ids)
         target = self.workers[worker]
-        if not target.pending:
+        if not target.busy:
             target.last_heard = time.time()  # the hang clock runs while a worker has work
         target.pending[request_id] = (prompts, params)
         target.requests.put(("generate", request_id, prompts, params))
@@ -245,7 +274,7 @@ class WorkerPool:
             for worker in self.workers:
                 if not worker.process.is_alive():
                     self._failed(worker, f"died (exit code {worker.process.exitcode})")
-                elif worker.pending and now - worker.last_heard > self.timeout_s:
+                elif worker.busy and now - worker.last_heard > self.timeout_s:
                     worker.process.kill()
                     worker.process.join(timeout=10)
                     self._failed(worker, f"gave no result for {now - worker.last_heard:.0f} s "
@@ -263,6 +292,15 @@ class WorkerPool:
                 del worker.pending[request_id]
                 worker.last_heard = time.time()
                 self._done[request_id] = samples
+        elif kind in ("streamed", "aborted"):
+            _, _, request_id, sample = message
+            if worker is not None and request_id in worker.streams:
+                del worker.streams[request_id]
+                worker.last_heard = time.time()
+                if sample is not None:
+                    self._streamed[request_id] = sample
+            if kind == "aborted":
+                self._aborted.add(request_id)
         elif kind == "error":
             if worker is None:
                 raise WorkerFailure(f"rollout worker {index} {message[2]}")
@@ -286,7 +324,47 @@ class WorkerPool:
         for request_id, (prompts, params) in pending:  # the same ids: whoever waits for them still does
             fresh.pending[request_id] = (prompts, params)
             fresh.requests.put(("generate", request_id, prompts, params))
+        for request_id, (prompt_ids, params) in worker.streams.items():  # from their start: nothing came back
+            fresh.streams[request_id] = (prompt_ids, params)
+            fresh.requests.put(("add", request_id, prompt_ids, params))
+            if request_id in self._aborting:
+                fresh.requests.put(("abort", request_id))
         fresh.last_heard = time.time()
+
+    # -- StreamingEngine (APRIL on the workers' side) ---------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """A streamed request on the worker with the fewest: it generates it step by step from now on,
+        taking weight updates between its engine steps (later tokens carry the newer version)."""
+        worker = min(self.workers, key=lambda w: len(w.streams))
+        if not worker.busy:
+            worker.last_heard = time.time()
+        worker.streams[request_id] = (list(prompt_ids), params)
+        worker.requests.put(("add", request_id, list(prompt_ids), params))
+
+    def step(self) -> list[tuple[str, Sample]]:
+        """The streamed requests finished since the last call; waits (within limits) for one when none
+        has finished yet and some are running."""
+        self._drain()
+        if not self._streamed and any(w.streams for w in self.workers):
+            self._handle(self._next_message(None, None))
+            self._drain()
+        finished = [(i, s) for i, s in self._streamed.items() if i not in self._aborting]
+        for request_id, _ in finished:
+            del self._streamed[request_id]
+        return finished
+
+    def abort(self, request_id: str) -> Sample:
+        """Stop a streamed request; what it generated so far (or all of it, if it finished meanwhile)."""
+        if request_id in self._streamed:
+            return self._streamed.pop(request_id)
+        worker = next(w for w in self.workers if request_id in w.streams)
+        self._aborting.add(request_id)
+        worker.requests.put(("abort", request_id))
+        while request_id not in self._aborted:
+            self._handle(self._next_message(None, None))
+        self._aborting.discard(request_id)
+        self._aborted.discard(request_id)
+        return self._streamed.pop(request_id)
 
     # -- RolloutEngine -----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:

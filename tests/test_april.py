@@ -225,3 +225,72 @@ def test_hf_engine_stamps_each_sample_when_it_stops():
     assert len(short.response_ids) == 3 and short.finish_reason == FinishReason.STOP
     assert long.finish_reason == FinishReason.LENGTH
     assert short.finished_at < long.finished_at
+
+
+class StampingToyEngine(ToyEngine):
+    """The ToyEngine, but every token carries the version that sampled it (as the real engines do),
+    so a request running across a weight update is visible token by token; aborts are counted."""
+
+    def __init__(self, targets):
+        super().__init__(targets)
+        self.versions, self.aborted = {}, 0
+
+    def add_request(self, request_id, prompt_ids, params):
+        super().add_request(request_id, prompt_ids, params)
+        self.versions[request_id] = []
+
+    def step(self):
+        for request_id in self.running:
+            self.versions[request_id].append(self.version)
+        return super().step()
+
+    def abort(self, request_id):
+        self.aborted += 1
+        return super().abort(request_id)
+
+    def _sample(self, request_id, reason):
+        sample = super()._sample(request_id, reason)
+        sample.versions = self.versions.pop(request_id)
+        return sample
+
+
+def test_keep_running_carries_requests_across_a_weight_update():
+    """Rollout workers with max_staleness 1: step 1 of the spec's toy schedule, but the requests in
+    flight are not aborted; they go on under v2 and finish in step 2 with mixed versions."""
+    targets = {1: [3, 4], 2: [2, 9], 3: [5, 6], 4: [12, 7]}
+    engine = StampingToyEngine(targets)
+    april = AprilScheduler(engine, 2, 4, max_new_tokens=10, params=SamplingParams(), max_staleness=1,
+                           keep_running=True)
+    accepted, stats = april.rollout(fresh_from([1, 2, 3, 4]), version=1)
+    assert [g.prompt_id for g in accepted] == [1, 3] and engine.aborted == 0 and not april.buffer
+    assert [g.prompt_id for g in april.active] == [2, 4] and len(april.in_flight) == 3  # P2b, P4a, P4b
+    saved = april.state_dict()["buffer"]  # what came back so far: P2a's 2 tokens, nothing of the rest
+    assert [[len(s["response_ids"]) for s in g["samples"]] for g in saved] == [[2, 0], [0, 0]]
+
+    engine.version = 2  # the learner's update lands between two engine steps (ticks 6 and 7)
+    accepted, stats = april.rollout(fresh_from([]), version=2)
+    # P2b needs 9 tokens: 6 by tick 6 under v1, then ticks 7-9 under v2; P4b (7) stops at tick 7,
+    # P4a (12) runs out of its budget of 10 at tick 10.
+    assert [g.prompt_id for g in accepted] == [2, 4] and stats["groups_submitted"] == 0
+    P2, P4 = accepted
+    assert P2.samples[1].versions == [1] * 6 + [2] * 3
+    assert P4.samples[0].versions == [1] * 6 + [2] * 4 and P4.samples[0].finish_reason == FinishReason.LENGTH
+    assert P4.samples[1].versions == [1] * 6 + [2]
+    assert stats["stale_regenerated"] == 0 and not april.active and not april.in_flight
+
+
+def test_a_group_older_than_max_staleness_is_generated_again():
+    """max_staleness 0 on the same schedule: P2 and P4 finish in step 2 with v1 tokens, one version
+    behind, so both are cleared and generated again under v2: P2 (2, 9 tokens) from tick 9 finishes at
+    tick 18, P4 (12 -> budget 10, 7) from tick 10 at tick 20."""
+    targets = {1: [3, 4], 2: [2, 9], 3: [5, 6], 4: [12, 7]}
+    engine = StampingToyEngine(targets)
+    april = AprilScheduler(engine, 2, 4, max_new_tokens=10, params=SamplingParams(), max_staleness=0,
+                           keep_running=True)
+    april.rollout(fresh_from([1, 2, 3, 4]), version=1)
+    engine.version = 2
+    accepted, stats = april.rollout(fresh_from([]), version=2)
+    assert [g.prompt_id for g in accepted] == [2, 4] and stats["stale_regenerated"] == 2
+    assert engine.tick == 20
+    assert [s.versions for s in accepted[0].samples] == [[2] * 2, [2] * 9]
+    assert [s.versions for s in accepted[1].samples] == [[2] * 10, [2] * 7]

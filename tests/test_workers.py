@@ -69,9 +69,22 @@ def test_staleness_one_keeps_the_workers_ahead_and_bounded(tmp_path, digit_model
     assert all(r["rollout/in_flight_groups"] >= 0 for r in rows)
 
 
+def test_april_on_the_workers_keeps_requests_running_across_updates(tmp_path, digit_model):
+    """APRIL with rollout.placement=workers and max_staleness 1: N' = 4 groups in flight for B = 2;
+    the two not accepted go on generating while the learner trains, and the next step trains on them:
+    their first tokens are one version behind (they were submitted before the update), none more."""
+    summary, _ = _train(tmp_path, "april", digit_model, 3, "rollout.placement=workers", "rollout.scheduler=april",
+                        "rollout.april_submit_groups=4", "rollout.max_staleness=1", *THREADS)
+    rows = _rows(tmp_path / "april")
+    assert len(rows) == 3 and all(r["april/groups_finished"] == 2 for r in rows)
+    assert rows[0]["april/staleness_max"] == 0
+    assert all(r["april/staleness_max"] <= 1 for r in rows) and any(r["april/staleness_max"] == 1 for r in rows[1:])
+    assert rows[1]["april/groups_submitted"] == 0  # step 2 needed no new wave: the carried two were enough
+
+
 def test_bad_worker_settings_are_one_clear_line():
-    with pytest.raises(ConfigError, match="rollout.placement=workers runs with rollout.scheduler=sync"):
-        load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.placement=workers", "rollout.scheduler=april"])
+    with pytest.raises(ConfigError, match="rollout.placement=workers generates rollouts"):
+        load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.placement=workers", "rollout.scheduler=dataset", "eval.kind=none"])
     with pytest.raises(ConfigError, match="rollout.max_staleness"):
         load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.max_staleness=-1"])
 
@@ -112,6 +125,16 @@ def test_a_killed_worker_is_restarted_when_asked(tmp_path, digit_model):
     code, err, run = _run_and_kill_worker(tmp_path, digit_model, "rollout.restart_workers=true")
     assert code == 0, err[-2000:]
     assert len(_rows(run)) == 4
+
+
+def test_a_killed_worker_under_april_is_restarted_with_its_streamed_requests(tmp_path, digit_model):
+    """APRIL's requests stream to the worker and keep running across updates (k = 1); a restarted
+    worker gets them again from their start, so the run still trains B groups every step."""
+    code, err, run = _run_and_kill_worker(tmp_path, digit_model, "rollout.restart_workers=true",
+                                          "rollout.scheduler=april", "rollout.max_staleness=1")
+    assert code == 0, err[-2000:]
+    rows = _rows(run)
+    assert len(rows) == 4 and all(r["april/groups_finished"] == 2 for r in rows)
 
 
 def test_a_hung_worker_is_noticed_within_its_timeout_and_stops_the_run_with_one_line(tmp_path, digit_model):
