@@ -1,4 +1,4 @@
-"""The main job three ways, side by side: colocated sync, colocated APRIL, and rollout workers.
+"""The main job side by side: colocated sync, colocated APRIL, rollout workers, and workers with APRIL.
 
     .venv/bin/python scripts/bench_async.py [--out runs/bench_async] [--steps 10] [--engine vllm] [--set k=v ...]
 
@@ -8,6 +8,8 @@ seed and steps; each skipped when its run finished, so a stopped benchmark conti
   april       colocated, rollout.scheduler=april
   workers-k0  one rollout worker, max_staleness 0 (synchronous through the worker)
   workers-k1  one rollout worker, max_staleness 1: it generates the next step while the learner trains
+  april-k1    one rollout worker, rollout.scheduler=april, max_staleness 1: APRIL's unfinished requests
+              go on generating while the learner trains (rollout/april.py)
 With workers the cores are split: the worker and the learner get half each (rollout.worker_threads /
 learner_threads); colocated runs use them all, one phase at a time.
 
@@ -35,7 +37,8 @@ def arms(cores: int) -> dict[str, list[str]]:
     return {"sync": [],
             "april": ["rollout.scheduler=april"],
             "workers-k0": ["rollout.placement=workers", "rollout.max_staleness=0", *half],
-            "workers-k1": ["rollout.placement=workers", "rollout.max_staleness=1", *half]}
+            "workers-k1": ["rollout.placement=workers", "rollout.max_staleness=1", *half],
+            "april-k1": ["rollout.placement=workers", "rollout.scheduler=april", "rollout.max_staleness=1", *half]}
 
 
 def run(name: str, out: Path, steps: int, overrides: list[str]) -> Path:
