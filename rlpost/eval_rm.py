@@ -9,7 +9,9 @@ Scorers (one per run):
 - `--prm CKPT`: an implicit reward beta (log pi - log pi_ref) per token, from an implicit-PRM
   checkpoint (its state names the reference and beta) or any policy trained against a reference, e.g.
   a DPO run (then `--reference MODEL`, and `--beta`, which only scales the scores). Step value: the
-  cumulative q at each step's end; response scores min / sum over step rewards and over q.
+  cumulative q at each step's end; response scores min / sum over step rewards and over q. The
+  process suite also reports the step-reward rule (r_k = q_k - q_(k-1) below a threshold) as an
+  ablation of the q rule.
 - `--likelihood MODEL`: the reference-free log-likelihood: step value the step's mean token
   log-prob, response scores its sum and mean.
 - `--classifier MODEL`: an `AutoModelForSequenceClassification` reward model (logit 0 of the whole
@@ -86,6 +88,13 @@ def majority_pick(texts: list[str]) -> int:
     votes = Counter(final_number(t) for t in texts)
     top = max(votes.values())
     return next(j for j, t in enumerate(texts) if votes[final_number(t)] == top)
+
+
+def step_rewards(step_q: list[float]) -> list[float]:
+    """The implicit PRM's step rewards r_k = q_k - q_(k-1) (q_0 = 0: nothing said yet) from its step
+    values: the step-reward rule flags the first step whose own reward falls below a threshold, where
+    the q rule flags the first step after which the solution as a whole stands below one."""
+    return [q - prev for prev, q in zip([0.0, *step_q], step_q)]
 
 
 def threshold_report(labels: list[int], values: list[list[float]]) -> dict:
@@ -331,8 +340,11 @@ def process_suite(scorer, tokenizer, rows: list[dict]) -> dict:
     half = len(rows) // 2
     last_step = process_metrics(labels[half:], [len(r["steps"]) - 1 if r["label"] >= 0 else -1 for r in rows[half:]])
     untrained = threshold_report(labels, [[0.0] * len(r["steps"]) for r in rows])
-    return {"items": len(rows), "reported_on": len(rows) - half, "scorer": threshold_report(labels, [s[0] for s in scored]),
-            "flag_last_step": last_step, "untrained_prm": untrained}
+    report = {"items": len(rows), "reported_on": len(rows) - half, "scorer": threshold_report(labels, [s[0] for s in scored]),
+              "flag_last_step": last_step, "untrained_prm": untrained}
+    if isinstance(scorer, Implicit):  # the ablation: the step-reward rule beside the q rule
+        report["scorer_step_reward"] = threshold_report(labels, [step_rewards(s[0]) for s in scored])
+    return report
 
 
 def best_of_n_suite(scorer, tokenizer, config: str, overrides: list[str], ns: list[int], prompts: int) -> dict:
@@ -409,8 +421,11 @@ def print_report(report: dict) -> None:
         p = report["process"]
         print(f"\nprocess: {p['reported_on']} items reported, threshold tuned on the other {p['items'] - p['reported_on']}")
         print("| method | threshold | acc. erroneous | acc. correct | F1 |\n|---|---|---|---|---|")
-        rows = [("scorer", p["scorer"]), ("scorer, oracle threshold", p["scorer"]["oracle"]),
-                ("untrained PRM (q = 0)", p["untrained_prm"]), ("flag the last step (outcome oracle)", p["flag_last_step"])]
+        rows = [("scorer", p["scorer"]), ("scorer, oracle threshold", p["scorer"]["oracle"])]
+        if "scorer_step_reward" in p:
+            rows += [("scorer, step-reward rule (r_k)", p["scorer_step_reward"]),
+                     ("scorer, step-reward rule, oracle threshold", p["scorer_step_reward"]["oracle"])]
+        rows += [("untrained PRM (q = 0)", p["untrained_prm"]), ("flag the last step (outcome oracle)", p["flag_last_step"])]
         for name, m in rows:
             th = f"{m['threshold']:.4g}" if "threshold" in m else "-"
             print(f"| {name} | {th} | {m['acc_erroneous']:.3f} | {m['acc_correct']:.3f} | {m['f1']:.3f} |")

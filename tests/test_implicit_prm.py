@@ -143,6 +143,10 @@ def test_processbench_metrics_by_hand():
     threshold = ev.tune_threshold([1, 0, -1, -1], qs)
     assert ev.process_metrics([1, 0, -1, -1], [ev.first_below(q, threshold) for q in qs])["f1"] == 1.0
     assert ev.final_number("So 3 + 4 = 7 apples.") == "7" and ev.final_number("no idea") == "no idea"
+    # the step-reward rule reads each step's own reward: q = 0.5, 0.25, 0.75 -> r = 0.5, -0.25, 0.5
+    assert ev.step_rewards([0.5, 0.25, 0.75]) == [0.5, -0.25, 0.5] and ev.step_rewards([]) == []
+    assert ev.first_below(ev.step_rewards([0.5, 0.25, 0.75]), 0.0) == 1  # the q rule at 0 flags nothing
+    assert ev.first_below([0.5, 0.25, 0.75], 0.0) == -1
 
 
 def test_the_evaluation_script_runs_on_a_trained_prm(tmp_path, digit_model):
@@ -213,6 +217,8 @@ def test_the_evaluation_script_runs_on_a_trained_prm(tmp_path, digit_model):
     assert (4 * a) == round(4 * a) and (6 * b) == pytest.approx(round(6 * b))
     assert scored["f1"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0)
     assert scored["oracle"]["f1"] >= scored["f1"]
+    by_reward = proc_suite["scorer_step_reward"]  # the ablation, on the same items
+    assert by_reward["oracle"]["f1"] >= by_reward["f1"] and (4 * by_reward["acc_erroneous"]) == round(4 * by_reward["acc_erroneous"])
     table = report["best_of_n"]["accuracy"]
     assert set(table) == {"1", "2"} and (out / "best_of_n.png").is_file()
     for row in table.values():  # best-of-N picks one of the N: never above pass@N, never below 0
