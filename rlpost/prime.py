@@ -57,6 +57,7 @@ class PrimeDense:
         samples = [s for g in groups for s in g.samples]
         model, reference = self.prm.model, self.objective.reference
         model.eval()
+        total, tokens = 0.0, 0
         for start in range(0, len(samples), self.batch):
             chunk = samples[start:start + self.batch]
             packed = pack(chunk, self.objective.pad_id)
@@ -66,12 +67,15 @@ class PrimeDense:
             rho = token_rewards(logp, ref, packed.response_mask.double(), self.objective.cfg.beta)
             for row, sample in enumerate(chunk):
                 sample.token_rewards = rho[row, :len(sample.response_ids)].tolist()
+            total, tokens = total + float(rho.abs().sum()), tokens + int(packed.response_mask.sum())
+        if tokens:  # the dense rewards' scale: near 0 means PRIME is GRPO in all but cost
+            self._stats["prime/token_reward_abs"] = total / tokens
 
     def _train(self, groups: list[Group]) -> None:
         micro_batches = self.objective.micro_batches(groups, None, self.prm.version)
         if micro_batches:  # empty on every rank when no rank kept a group
             stats = resolve(self.prm.train_step(micro_batches, self.objective.head, self.objective.loss))
-            self._stats = {f"prm/{k.removeprefix('prm/')}": v for k, v in stats.items()}
+            self._stats.update({f"prm/{k.removeprefix('prm/')}": v for k, v in stats.items()})
 
     def metrics(self) -> dict[str, float]:
         out, self._stats = self._stats, {}

@@ -113,6 +113,9 @@ def test_the_prm_sees_only_what_it_is_given():
                                         correct=i < right) for i in range(4)])
     kept, dropped = group(2), group(4)
     dense([kept])
-    assert dense.prm.version == 1 and "prm/loss" in dense.metrics()
+    metrics = dense.metrics()
+    assert dense.prm.version == 1 and "prm/loss" in metrics
     assert all(len(s.token_rewards) == 3 for s in kept.samples)
+    scale = sum(abs(r) for s in kept.samples for r in s.token_rewards) / 12  # 4 samples x 3 response tokens
+    assert metrics["prime/token_reward_abs"] == pytest.approx(scale, rel=1e-12)
     assert all(s.token_rewards is None for s in dropped.samples)
