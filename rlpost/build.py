@@ -72,11 +72,23 @@ class FixedPolicy:
         pass
 
 
-def make_rollout_engine(cfg: Config, tokenizer, device: torch.device):
-    """The engine in this process (placement colocated), or the rollout workers' pool (workers)."""
+def make_rollout_engine(cfg: Config, tokenizer, learner):
+    """The engine in this process (placement colocated; with rollout.shared_model on the learner's own
+    module), or the rollout workers' pool (workers)."""
     r = cfg.rollout
+    device = learner.engine.device
     if r.scheduler == "dataset":
         return NoEngine()
+    trains_the_sampler = getattr(objective_class(cfg), "trains_the_sampler", True)
+    if r.shared_model:
+        if not trains_the_sampler:
+            raise ConfigError(f"rollout.shared_model=true: algorithm={cfg.algorithm} samples from a fixed policy, "
+                              f"not the model it trains; use rollout.shared_model=false")
+        if learner.zero_stage == 3:
+            raise ConfigError("rollout.shared_model=true: under ZeRO-3 the learner holds a shard of each weight; "
+                              "use rollout.shared_model=false (a whole copy receives the weights each step)")
+        from rollout.hf_engine import SharedHFEngine
+        return SharedHFEngine(learner.model, tokenizer, max_batch_size=r.max_batch_size, tokens_per_step=r.tokens_per_step)
     options = {"max_batch_size": r.max_batch_size, "tokens_per_step": r.tokens_per_step, **cfg.vllm_options()}
     if r.placement == "workers":
         from rollout.workers import WorkerPool, worker_specs
@@ -91,7 +103,7 @@ def make_rollout_engine(cfg: Config, tokenizer, device: torch.device):
             raise ConfigError(str(e)) from None
     else:
         engine = make_engine(r.engine, cfg.model.name, tokenizer, device, seed=cfg.run.seed, **options)
-    return engine if getattr(objective_class(cfg), "trains_the_sampler", True) else FixedPolicy(engine)
+    return engine if trains_the_sampler else FixedPolicy(engine)
 
 
 def make_sampler(cfg: Config, num_prompts: int):

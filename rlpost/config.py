@@ -133,6 +133,9 @@ class RolloutConfig(Section):
     worker_timeout_s: float = Field(600.0, gt=0)  # a worker with work that is silent this long is hung
     restart_workers: bool = False            # a dead or hung worker: start it again (true) or stop the run
     seed_requests: bool = False              # colocated sync: seed each step's generation (workers always do)
+    # hf engine, colocated: generate from the learner's own module, so there is no second copy of the
+    # weights and nothing to sync after a step (not under ZeRO-3, where the learner holds shards)
+    shared_model: bool = False
 
 
 class CurriculumConfig(Section):
@@ -353,6 +356,10 @@ class Config(Section):
         if self.algorithm == "reward_model" and self.rollout.scheduler != "dataset":
             raise ValueError("algorithm=reward_model trains on preference pairs from a file: set rollout.scheduler=dataset "
                              "and data.source")
+        if self.rollout.shared_model and (self.rollout.engine != "hf" or self.rollout.placement != "colocated"):
+            raise ValueError("rollout.shared_model=true generates with the hf engine from the learner's own module: "
+                             f"set rollout.engine=hf (got {self.rollout.engine}) and rollout.placement=colocated "
+                             f"(got {self.rollout.placement})")
         if self.rollout.placement == "workers" and self.rollout.scheduler == "dataset":
             raise ValueError("rollout.placement=workers generates rollouts (rollout.scheduler sync or april); "
                              "rollout.scheduler=dataset's fixed responses need no engine")

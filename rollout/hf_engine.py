@@ -154,3 +154,32 @@ class HFEngine:
                 raise KeyError(f"rollout model has no parameter {name!r}")
             params[name].copy_(tensor)
         self.version = version
+
+
+class SharedHFEngine(HFEngine):
+    """The hf engine on the learner's own module (`rollout.shared_model`): no second copy of the
+    weights, and nothing to copy after a step, since the learner's update is already in the module it
+    generates from (with LoRA: the peft model, adapters on). It generates in eval mode and leaves the
+    module in the mode it found it. Under ZeRO 0 / 2 only (ZeRO-3 modules hold shards)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, **kwargs):
+        training = model.training
+        super().__init__(model, tokenizer, **kwargs)
+        model.train(training)
+
+    def _in_eval(self, fn, *args):
+        training = self.model.training
+        self.model.eval()
+        try:
+            return fn(*args)
+        finally:
+            self.model.train(training)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        return self._in_eval(super().generate, prompts, params)
+
+    def step(self) -> list[tuple[str, Sample]]:
+        return self._in_eval(super().step)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        self.version = version  # the weights are the learner's own (the tensors are never computed)
