@@ -72,7 +72,7 @@ class FixedPolicy:
         pass
 
 
-def make_rollout_engine(cfg: Config, tokenizer, learner):
+def make_rollout_engine(cfg: Config, tokenizer, learner, data: RunData):
     """The engine in this process (placement colocated; with rollout.shared_model on the learner's own
     module), or the rollout workers' pool (workers)."""
     r = cfg.rollout
@@ -89,7 +89,8 @@ def make_rollout_engine(cfg: Config, tokenizer, learner):
                               "use rollout.shared_model=false (a whole copy receives the weights each step)")
         from rollout.hf_engine import SharedHFEngine
         return SharedHFEngine(learner.model, tokenizer, max_batch_size=r.max_batch_size, tokens_per_step=r.tokens_per_step)
-    options = {"max_batch_size": r.max_batch_size, "tokens_per_step": r.tokens_per_step, **cfg.vllm_options()}
+    longest = max(data.train_prompts.longest(), data.test_prompts.longest())
+    options = {"max_batch_size": r.max_batch_size, "tokens_per_step": r.tokens_per_step, **cfg.vllm_options(longest)}
     if r.placement == "workers":
         from rollout.workers import WorkerPool, worker_specs
         cores = os.cpu_count() or 2

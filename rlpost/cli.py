@@ -107,7 +107,8 @@ def _cmd_eval(args) -> int:
     # the checkpoint generates (accuracy) or is ranked against the config's reference model (pairwise)
     pairwise = cfg.eval.kind == "pairwise"
     engine = None if pairwise else make_engine(cfg.rollout.engine, model_path, tokenizer,
-                                               max_batch_size=cfg.rollout.max_batch_size, **cfg.vllm_options())
+                                               max_batch_size=cfg.rollout.max_batch_size,
+                                               **cfg.vllm_options(data.test_prompts.longest() if data.test_prompts else None))
     load = (lambda p: load_classifier(p)[0]) if model_head(cfg) == "score" else load_model  # a reward model
     policy = load(model_path).eval() if pairwise else None
     result = make_evaluator(cfg, engine, data, verifier, policy, "cpu", tokenizer.pad_token_id)()

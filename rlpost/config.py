@@ -113,12 +113,13 @@ class RolloutConfig(Section):
     scheduler: Literal["sync", "april", "dataset"] = "sync"
     april_submit_groups: int | None = Field(None, ge=1)  # N' under april; None: 2 * prompts_per_step
     tokens_per_step: int = Field(8, ge=1)    # hf engine under APRIL: tokens per streaming step
-    # vLLM engine: the longest prompt + response it serves (None: data.max_prompt_tokens + the longest
-    # generation, training or eval), the share of GPU memory it may take (the learner shares the GPU),
-    # and on CPU the GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, when not set in the environment).
+    # vLLM engine: the longest prompt + response it serves (None: the job's longest prompt, at most
+    # data.max_prompt_tokens, + the longest generation, training or eval), the share of GPU memory it
+    # may take (the learner shares the GPU), and on CPU the GiB of KV cache (None: what max_batch_size
+    # sequences of that length need; the VLLM_CPU_KVCACHE_SPACE environment variable wins when set).
     vllm_max_model_len: int | None = Field(None, ge=16)
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # share of GPU memory vLLM may take
-    vllm_cpu_kv_cache_gib: int = Field(2, ge=1)  # GiB of vLLM KV cache on CPU
+    vllm_cpu_kv_cache_gib: float | None = Field(None, gt=0)  # GiB of vLLM KV cache on CPU; None: sized from the job
     # Where the engine runs (rollout/workers.py, docs/rollout.md#rollout-workers). colocated: in the
     # learner's process, rollout then train. workers: `workers` processes per learner rank, each with
     # its own engine, generating up to `max_staleness` policy versions ahead of the learner (0:
@@ -339,11 +340,13 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()          # held-out evaluation
     checkpoint: CheckpointConfig = CheckpointConfig()  # checkpoint saving
 
-    def vllm_options(self) -> dict:
-        """make_engine's vLLM settings from the rollout section."""
+    def vllm_options(self, longest_prompt: int | None = None) -> dict:
+        """make_engine's vLLM settings from the rollout section. `longest_prompt`: the job's longest
+        prompt in tokens, where the caller has them (else the limit data.max_prompt_tokens)."""
         r = self.rollout
         longest = max(r.max_new_tokens, self.eval.max_new_tokens or 0)
-        return {"max_model_len": r.vllm_max_model_len or self.data.max_prompt_tokens + longest,
+        prompt = min(longest_prompt, self.data.max_prompt_tokens) if longest_prompt else self.data.max_prompt_tokens
+        return {"max_model_len": r.vllm_max_model_len or prompt + longest,
                 "gpu_memory_utilization": r.vllm_gpu_memory_utilization, "cpu_kv_cache_gib": r.vllm_cpu_kv_cache_gib}
 
     @model_validator(mode="after")

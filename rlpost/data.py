@@ -39,6 +39,10 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.problems)
 
+    def longest(self) -> int:
+        """Tokens of the longest prompt (what sizes vLLM's context and KV cache; 0 when empty)."""
+        return max(map(len, self.prompt_ids), default=0)
+
 
 # ---------------------------------------------------------------------------------------------
 # Built-in arithmetic problems

@@ -362,7 +362,7 @@ def best_of_n_suite(scorer, tokenizer, config: str, overrides: list[str], ns: li
     _, test = load_prompt_sets(cfg.data, policy_tokenizer, cfg.run.seed)
     n_max, count = max(ns), min(prompts, len(test))
     engine = make_engine(cfg.rollout.engine, cfg.model.name, policy_tokenizer, max_batch_size=cfg.rollout.max_batch_size,
-                         **cfg.vllm_options())
+                         **cfg.vllm_options(test.longest()))
     samples = engine.generate([ids for ids in test.prompt_ids[:count] for _ in range(n_max)],
                               SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, seed=cfg.run.seed))
     verifier = MathReward(timeout_s=cfg.reward.timeout_s)

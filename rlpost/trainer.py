@@ -100,7 +100,7 @@ def _train(cfg: Config, run_dir: Path, resume: str | None, show_progress: bool, 
     verifier = make_verifier(cfg, data)  # the math verifier or the user's reward functions (checked here)
     cleanup.callback(verifier.close)
     learner = Learner(cfg.model.name, cfg.train, model_head(cfg), cfg.model.lora)  # a causal LM or reward model; LoRA or not
-    engine = make_rollout_engine(cfg, tokenizer, learner)  # in this process, or rollout workers
+    engine = make_rollout_engine(cfg, tokenizer, learner, data)  # in this process, or rollout workers
     cleanup.callback(engine.close)
     objective = make_objective(cfg, learner, tokenizer.pad_token_id)
     rewards = make_rewards(cfg, verifier)

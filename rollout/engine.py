@@ -40,7 +40,7 @@ class StreamingEngine(RolloutEngine, Protocol):
 
 def make_engine(kind: str, model_spec: str, tokenizer, device: torch.device | str = "cpu", *,
                 max_batch_size: int = 64, tokens_per_step: int = 8, max_model_len: int = 2048,
-                gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: int = 2, seed: int = 0) -> RolloutEngine:
+                gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float | None = 2, seed: int = 0) -> RolloutEngine:
     """`hf`: transformers; `vllm`: vLLM in this process; `auto`: vLLM when it imports, else hf.
     `max_model_len`, `gpu_memory_utilization` and `cpu_kv_cache_gib` are vLLM's (Config.vllm_options)."""
     from rollout.models import load_model, merged_dir

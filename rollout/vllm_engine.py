@@ -33,12 +33,28 @@ def available() -> bool:
     return True
 
 
+KV_BLOCK = 256  # tokens: the largest KV block size vLLM's CPU backends use; a sequence takes whole blocks
+
+
+def kv_cache_bytes(model_dir: str, sequences: int, tokens: int, dtype_bytes: int = 4) -> int:
+    """The float32 KV cache that `sequences` sequences of up to `tokens` tokens each need at once: per
+    token a key and a value of every KV head in every layer, each sequence rounded up to whole blocks."""
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(model_dir)
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * heads * head_dim * dtype_bytes
+    return sequences * -(-tokens // KV_BLOCK) * KV_BLOCK * per_token
+
+
 class VLLMEngine:
     def __init__(self, model_dir: str, tokenizer, max_batch_size: int = 64, max_model_len: int = 2048,
                  seed: int = 0, dtype: str | None = None, gpu_memory_utilization: float = 0.3,
-                 cpu_kv_cache_gib: int = 2):
+                 cpu_kv_cache_gib: float | None = 2):
+        """`cpu_kv_cache_gib` (CPU only): the KV cache's size; None: what `max_batch_size` sequences of
+        `max_model_len` tokens need (kv_cache_bytes). The VLLM_CPU_KVCACHE_SPACE environment variable
+        (whole GiB), when set, wins: vLLM reads it itself."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))  # GiB of KV cache on CPU
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
@@ -49,7 +65,10 @@ class VLLMEngine:
                           # no chunked prefill: a partly prefilled request's sampled token is discarded
                           # and its seeded generator rewound, which vLLM's CPU generators cannot do
                           enable_chunked_prefill=False,
-                          disable_log_stats=True, gpu_memory_utilization=gpu_memory_utilization if cuda else 0.9)
+                          disable_log_stats=True, gpu_memory_utilization=gpu_memory_utilization if cuda else 0.9,
+                          kv_cache_memory_bytes=None if cuda else (
+                              int(cpu_kv_cache_gib * 2 ** 30) if cpu_kv_cache_gib is not None
+                              else kv_cache_bytes(model_dir, max_batch_size, max_model_len)))
         try:
             self.engine = LLMEngine.from_engine_args(args)
         except (RuntimeError, ValueError) as e:  # e.g. a head size the CPU attention kernels lack

@@ -64,7 +64,7 @@ def main() -> int:
     train, test = load_prompt_sets(cfg.data, tokenizer, cfg.run.seed)
     prompts = train if args.split == "train" else test
     engine = make_engine(cfg.rollout.engine, cfg.model.name, tokenizer, max_batch_size=cfg.rollout.max_batch_size,
-                         seed=cfg.run.seed, **cfg.vllm_options())
+                         seed=cfg.run.seed, **cfg.vllm_options(prompts.longest()))
     verifier = MathReward(timeout_s=cfg.reward.timeout_s)
     r = cfg.rollout
     ids = list(range(len(prompts)))

@@ -67,7 +67,10 @@ def test_vllm_settings_are_config_keys():
     from rlpost.config import load_config
     cfg = load_config(REPO / "configs" / "grpo_math.yaml", ["data.max_prompt_tokens=300", "rollout.max_new_tokens=4000",
                                                             "eval.max_new_tokens=5000"])
-    assert cfg.vllm_options() == {"max_model_len": 5300, "gpu_memory_utilization": 0.3, "cpu_kv_cache_gib": 2}
+    assert cfg.vllm_options() == {"max_model_len": 5300, "gpu_memory_utilization": 0.3, "cpu_kv_cache_gib": None}
+    # where the prompts are loaded, the job's longest one replaces the limit (never above it)
+    assert cfg.vllm_options(longest_prompt=40)["max_model_len"] == 5040
+    assert cfg.vllm_options(longest_prompt=400)["max_model_len"] == 5300
     cfg = load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.vllm_max_model_len=9000",
                                                             "rollout.vllm_gpu_memory_utilization=0.5"])
     assert cfg.vllm_options()["max_model_len"] == 9000 and cfg.vllm_options()["gpu_memory_utilization"] == 0.5

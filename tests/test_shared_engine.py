@@ -48,10 +48,10 @@ def test_shared_model_settings_that_cannot_work_are_one_clear_line(digit_model):
     cfg = load_config(REPO / "configs" / "prm_math.yaml", [f"model.name={digit_model}", "rollout.shared_model=true"])
     learner = Learner(digit_model, cfg.train)
     with pytest.raises(ConfigError, match="samples from a fixed policy"):
-        make_rollout_engine(cfg, load_tokenizer(digit_model), learner)
+        make_rollout_engine(cfg, load_tokenizer(digit_model), learner, None)
     # and where it works, the engine holds no weights of its own: it is the learner's module
     cfg = load_config(REPO / "configs" / "grpo_math.yaml", [f"model.name={digit_model}", "rollout.shared_model=true"])
-    engine = make_rollout_engine(cfg, load_tokenizer(digit_model), learner)
+    engine = make_rollout_engine(cfg, load_tokenizer(digit_model), learner, None)
     assert engine.model is learner.model
     from rollout.types import SamplingParams
     for mode in (True, False):  # generation runs in eval mode and leaves the learner's mode as it was
