@@ -268,6 +268,7 @@ class AlignDistilConfig(Section):
     mode: Literal["aligndistil", "theorem1", "theorem1_adaptive"] = "aligndistil"  # teacher z* formula (ALGORITHMS.md §5)
     beta: float = Field(0.1, gt=0)           # the token loss weight is beta / w
     gamma: float = Field(10.0, ge=0)         # w_t = gamma ||p_dpo - p_rev||_1 + 1e-3 (adaptive modes)
+    w_max: float | None = Field(None, gt=0)  # cap on the adaptive w_t (not in the paper); null: none
     w: float = Field(0.1, gt=0)              # the fixed w of mode theorem1
     temperature: float = Field(1.0, gt=0)    # T_kd, on the teacher's logits only
     reference: str | None = None             # z_ref of the theorem-1 modes; default model.name

@@ -41,6 +41,31 @@ def test_the_numbers_of_the_spec():
     assert float(w1) == 0.1
 
 
+def test_the_teacher_diagnostics_and_the_w_cap_by_hand():
+    """On the spec's numbers: teacher p* = (0.737364, 0.185248, 0.077387), its top token 0, which the
+    DPO model gives 0.665241 and ranks first; L1 0.127029. A cap w_max = 1 < 1.271286 makes
+    z* = z_dpo + 1 * (z_dpo - z_rev) = (2.2, 0.9, 0)."""
+    import math
+    z_dpo, z_rev = t(Z_DPO), t(Z_REV)
+    z_star, _ = ad.teacher_logits(z_dpo, z_rev, "aligndistil", gamma=10.0)
+    d = ad.teacher_diagnostics(z_star, z_dpo, z_rev)
+    p = [0.737364, 0.185248, 0.077387]
+    assert float(d["teacher_entropy"]) == pytest.approx(-sum(x * math.log(x) for x in p), abs=1e-5)
+    assert float(d["p_dpo_of_teacher_top"]) == pytest.approx(0.665241, abs=1e-6)
+    assert float(d["teacher_top_in_dpo_top5"]) == 1.0 and float(d["l1"]) == pytest.approx(0.127029, abs=1e-6)
+    capped, w = ad.teacher_logits(z_dpo, z_rev, "aligndistil", gamma=10.0, w_max=1.0)
+    assert float(w) == 1.0 and capped.tolist() == pytest.approx([2.2, 0.9, 0.0], abs=1e-12)
+    assert float(ad.adaptive_weight(z_dpo, z_rev, 10.0, w_max=5.0)) == pytest.approx(1.271286, abs=1e-6)  # under the cap
+    # a teacher that extrapolates: the reverse model all but rules out token 6, which DPO ranks last of
+    # 7, and a large gamma pushes it to the teacher's top: outside DPO's top 5
+    z_dpo7 = t([6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    z_rev7 = t([6.0, 5.0, 4.0, 3.0, 2.0, 1.0, -10.0])
+    z_star7, w7 = ad.teacher_logits(z_dpo7, z_rev7, "aligndistil", gamma=1000.0)
+    d7 = ad.teacher_diagnostics(z_star7, z_dpo7, z_rev7)
+    assert int(z_star7.argmax()) == 6 and float(d7["teacher_top_in_dpo_top5"]) == 0.0
+    assert float(d7["p_dpo_of_teacher_top"]) == pytest.approx(1 / sum(math.exp(k) for k in range(7)), rel=1e-12)
+
+
 def test_teachers_are_constants_and_vocab_is_trimmed():
     z_dpo, z_rev = t(Z_DPO).requires_grad_(), t(Z_REV).requires_grad_()
     loss, _ = ad.token_loss(t(Z_STUDENT).requires_grad_(), z_dpo, z_rev)
@@ -200,6 +225,13 @@ def test_teachers_then_student_run_end_to_end(tmp_path, digit_model):
     assert any(not torch.equal(dpo[k], rev[k]) for k in dpo)
     assert all(1.0 < r["distil/w_mean"] <= 2 * 15.0 + 1e-3 and r["distil/kl_dpo"] != r["distil/kl_reverse"]
                for r in rows), rows
+    # the teacher's diagnostics are logged, each within its range; L1's quantiles are ordered and,
+    # as w = 15 L1 + 1e-3 token by token (a monotone map), w's median is 15 x L1's median + 1e-3
+    for r in rows:
+        assert r["distil/teacher_entropy"] >= 0 and 0 <= r["distil/p_dpo_of_teacher_top"] <= 1
+        assert 0 <= r["distil/teacher_top_in_dpo_top5"] <= 1
+        assert 0 <= r["distil/l1_q10"] <= r["distil/l1_q50"] <= r["distil/l1_q90"] <= 2
+        assert r["distil/w_q50"] == pytest.approx(15.0 * r["distil/l1_q50"] + 1e-3, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -43,7 +43,8 @@ class AlignDistil:
         self.cfg = cfg.aligndistil
         self.teachers = frozen  # "dpo", "reverse" and, for the theorem-1 modes, "reference"
         self.pad_id, self.micro_batch_size = pad_id, cfg.train.micro_batch_size
-        self._w: list[torch.Tensor] = []
+        self._w: list[torch.Tensor] = []   # this step's w_t and teacher L1 at every response token
+        self._l1: list[torch.Tensor] = []
         self._metrics: dict[str, float] = {}
 
     @classmethod
@@ -69,7 +70,7 @@ class AlignDistil:
             samples = [s for g in groups for s in g.samples if s.correct]
         else:
             samples = [s for g in groups for s in g.samples]
-        self._w = []
+        self._w, self._l1 = [], []
         parts = []
         for start in range(0, len(samples), self.micro_batch_size):
             packed = pack(samples[start:start + self.micro_batch_size], self.pad_id)
@@ -92,12 +93,14 @@ class AlignDistil:
                      for name, h in mb.teacher_hidden.items()}
             names = list(z)
             trimmed = dict(zip(["student", *names], ad.trim_vocab(logits, *(z[n] for n in names))))
-            loss, w = ad.token_loss(trimmed["student"], trimmed["dpo"], trimmed["reverse"], beta=c.beta, mode=c.mode,
-                                    gamma=c.gamma, w=c.w, z_ref=trimmed.get("reference"), temperature=c.temperature)
+            z_star, w = ad.teacher_logits(trimmed["dpo"], trimmed["reverse"], c.mode, gamma=c.gamma, w=c.w,
+                                          z_ref=trimmed.get("reference"), w_max=c.w_max)
+            loss = (c.beta / w) * ad.reverse_kl(trimmed["student"], z_star, c.temperature)  # = ad.token_loss
             with torch.no_grad():
                 kl_dpo = ad.reverse_kl(trimmed["student"], trimmed["dpo"])
                 kl_rev = ad.reverse_kl(trimmed["student"], trimmed["reverse"])
-            return {"loss": loss, "w": w, "kl_dpo": kl_dpo, "kl_reverse": kl_rev}
+                seen = ad.teacher_diagnostics(z_star, trimmed["dpo"], trimmed["reverse"], c.temperature)
+            return {"loss": loss, "w": w, "kl_dpo": kl_dpo, "kl_reverse": kl_rev, **seen}
         return distil
 
     def loss(self, mb: DistilBatch, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
@@ -109,20 +112,26 @@ class AlignDistil:
             tokens = float(mask.sum())
             w = outputs["w"][mask.bool()].detach().float().cpu()
             self._w.append(w)
+            self._l1.append(outputs["l1"][mask.bool()].detach().float().cpu())
             stats: Stats = {
                 "loss": float(loss),
                 "distil/w_mean": Mean(float(w.sum()), tokens),
                 "distil/token_weight_mean": Mean(float((self.cfg.beta / w).sum()), tokens),
                 "distil/kl_dpo": Mean(float((outputs["kl_dpo"] * mask).sum()), tokens),
                 "distil/kl_reverse": Mean(float((outputs["kl_reverse"] * mask).sum()), tokens),
+                **{f"distil/{k}": Mean(float((outputs[k] * mask).sum()), tokens)
+                   for k in ("teacher_entropy", "p_dpo_of_teacher_top", "teacher_top_in_dpo_top5")},
             }
         return loss, stats
 
     def metrics(self) -> dict[str, float]:
         if not self._w or not sum(len(w) for w in self._w):
             return {}
-        w = torch.cat(self._w).double()
-        return {f"distil/w_q{int(q * 100)}": float(torch.quantile(w, q)) for q in (0.1, 0.5, 0.9)}
+        out = {}
+        for name, values in (("w", self._w), ("l1", self._l1)):
+            v = torch.cat(values).double()
+            out |= {f"distil/{name}_q{int(q * 100)}": float(torch.quantile(v, q)) for q in (0.1, 0.5, 0.9)}
+        return out
 
     def state_dict(self) -> dict:
         return {}
