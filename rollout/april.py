@@ -87,6 +87,10 @@ class AprilScheduler:
         while len(accepted) < self.target_groups:
             while counted < self.target_groups:
                 wave = [self.buffer.popleft() for _ in range(min(self.submit_groups, len(self.buffer)))]
+                for group in wave:  # buffered work already too old to train on: start it afresh now
+                    if self._too_stale(group, version):
+                        stats["stale_regenerated"] += 1
+                        self._clear(group)
                 wave += fresh(self.submit_groups - len(wave))
                 if not wave:
                     raise RuntimeError("APRIL: no prompts left to submit")
@@ -109,8 +113,7 @@ class AprilScheduler:
                 group = done_queue.pop(0)
                 if self._too_stale(group, version):  # generated again, from the start
                     stats["stale_regenerated"] += 1
-                    group.samples = [Sample(list(s.prompt_ids), [], [], FinishReason.ABORT, versions=[])
-                                     for s in group.samples]
+                    self._clear(group)
                     self._submit(group, in_flight)
                 elif self.accept is None or self.accept(group):
                     accepted.append(group)
@@ -137,6 +140,10 @@ class AprilScheduler:
                      buffer_size=float(len(self.buffer)), stale_fraction=stale_fraction(accepted, version),
                      rollout_s=waited)
         return accepted, stats
+
+    @staticmethod
+    def _clear(group: Group) -> None:
+        group.samples = [Sample(list(s.prompt_ids), [], [], FinishReason.ABORT, versions=[]) for s in group.samples]
 
     def _too_stale(self, group: Group, version: int) -> bool:
         if self.max_staleness is None:

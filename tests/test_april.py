@@ -294,3 +294,22 @@ def test_a_group_older_than_max_staleness_is_generated_again():
     assert engine.tick == 20
     assert [s.versions for s in accepted[0].samples] == [[2] * 2, [2] * 9]
     assert [s.versions for s in accepted[1].samples] == [[2] * 10, [2] * 7]
+
+
+def test_buffered_work_too_old_for_max_staleness_starts_afresh_when_submitted():
+    """APRIL on the workers with k = 0 and aborts (no keep_running): step 1 of the spec's schedule
+    buffers P2 (P2a done, P2b 6 tokens) and P4 (6 and 6 tokens), all v1. In step 2 (v2) both are one
+    version behind before a token more is generated, so they are cleared as they are submitted, not
+    continued: every member gets the whole budget of 10 again and no v1 token is trained on."""
+    targets = {1: [3, 4], 2: [2, 9], 3: [5, 6], 4: [12, 7], 5: [2, 3], 6: [8, 8]}
+    engine = StampingToyEngine(targets)
+    april = AprilScheduler(engine, 2, 4, max_new_tokens=10, params=SamplingParams(), max_staleness=0)
+    fresh = fresh_from([1, 2, 3, 4, 5, 6])
+    april.rollout(fresh, version=1)
+    assert [g.prompt_id for g in april.buffer] == [2, 4]
+    engine.version = 2
+    engine.max_new_tokens_seen.clear()
+    accepted, stats = april.rollout(fresh, version=2)
+    assert stats["stale_regenerated"] == 2
+    assert sorted(engine.max_new_tokens_seen) == [(p, m, 10) for p in (2, 4, 5, 6) for m in (0, 1)]
+    assert all(v == 2 for g in accepted for s in g.samples for v in s.versions)
