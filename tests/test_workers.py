@@ -82,6 +82,24 @@ def test_april_on_the_workers_keeps_requests_running_across_updates(tmp_path, di
     assert rows[1]["april/groups_submitted"] == 0  # step 2 needed no new wave: the carried two were enough
 
 
+def test_a_vllm_worker_trains_with_its_weights_synced(tmp_path):
+    """The design card's shape on this machine: SmolLM2 on a vLLM engine in a rollout worker, k = 1.
+    Each step's weights reach the worker's vLLM (bytes counted), and it trains as colocated runs do."""
+    from conftest import skip_unless_required
+    from rollout import vllm_engine
+    if not vllm_engine.available():
+        skip_unless_required("vllm is not installed")
+    summary, _ = _train(tmp_path, "vllm", "smollm2-135m-instruct", 2, "rollout.placement=workers", "rollout.engine=vllm",
+                        "rollout.max_staleness=1", "rollout.max_new_tokens=12", "data.arithmetic.word_problems=false",
+                        *THREADS)
+    rows = _rows(tmp_path / "vllm")
+    assert len(rows) == 2 and all(r["rollout/staleness_max"] <= 1 for r in rows)
+    # a step's row counts the bytes of the sync before it (step 1 had none): every float32 weight of
+    # SmolLM2-135M (134.5 M, the tied head once)
+    assert rows[0]["rollout/weight_sync_bytes"] == 0 and rows[1]["rollout/weight_sync_bytes"] >= 4 * 134_000_000
+    assert summary["eval_after"]["accuracy"] >= 0.0 and all(r["response_length"] > 0 for r in rows)
+
+
 def test_bad_worker_settings_are_one_clear_line():
     with pytest.raises(ConfigError, match="rollout.placement=workers generates rollouts"):
         load_config(REPO / "configs" / "grpo_math.yaml", ["rollout.placement=workers", "rollout.scheduler=dataset", "eval.kind=none"])
