@@ -86,6 +86,17 @@ def curve(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["eval/accuracy"] for r in read_metrics(run_dir) if "eval/accuracy" in r}
 
 
+DIAGNOSTICS = ("distil/l1_q50", "distil/w_q50", "distil/teacher_entropy", "distil/p_dpo_of_teacher_top",
+               "distil/teacher_top_in_dpo_top5")
+
+
+def diagnostics(run_dir: Path) -> dict[str, float]:
+    """The run's mean over steps of each teacher diagnostic AlignDistil logs (docs/aligndistil.md)."""
+    from rlpost.metrics import read_metrics
+    rows = [r for r in read_metrics(run_dir) if "distil/w_q50" in r]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in DIAGNOSTICS if rows and all(k in r for r in rows)}
+
+
 def first_reaching(points: dict[int, float], target: float) -> int | None:
     return next((s for s in sorted(points) if points[s] >= target), None)
 
@@ -112,7 +123,7 @@ def bench_seed(seed: int, out: Path, pairs: Path, test_pairs: Path, variants: di
             "dpo_steps": final_dpo, "dpo_final_accuracy": target,
             "steps_to_dpo_accuracy": {name: first_reaching(c, target) for name, c in curves.items()},
             "pairwise_contrastive": contrastive["accuracy"], "pairwise_dpo_reward": dpo_reward["accuracy"],
-            "pairwise_pairs": contrastive["pairs"]}
+            "pairwise_pairs": contrastive["pairs"], "diagnostics": {name: diagnostics(run_dir) for name, run_dir in runs.items()}}
 
 
 def print_seed(r: dict) -> None:
@@ -126,6 +137,9 @@ def print_seed(r: dict) -> None:
     for name, reach in r["steps_to_dpo_accuracy"].items():
         print(f"  {name} reaches it at step {reach if reach is not None else 'never (in its run)'}: "
               f"{'met' if reach is not None and reach <= r['dpo_steps'] // 2 else 'NOT met'}")
+    print("teacher diagnostics, means over the run's steps: " + "; ".join(
+        f"{name}: " + ", ".join(f"{k.removeprefix('distil/')} {v:.3g}" for k, v in d.items())
+        for name, d in r.get("diagnostics", {}).items()))
     gap = 100 * (r["pairwise_contrastive"] - r["pairwise_dpo_reward"])
     print(f"pairwise accuracy on {r['pairwise_pairs']} held-out pairs: contrastive log pi_dpo/pi_rev "
           f"{r['pairwise_contrastive']:.3f}, DPO reward log pi_dpo/pi_ref {r['pairwise_dpo_reward']:.3f} "
