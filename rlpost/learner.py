@@ -44,6 +44,10 @@ def init_distributed() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not torch.distributed.is_initialized():
+        # An earlier group in this process may have been destroyed behind DeepSpeed's back (vLLM's
+        # in-process engine destroys the default group when it shuts down): its cached clones are dead.
+        from deepspeed.utils import groups
+        groups._release_process_group_references()
         deepspeed.init_distributed(verbose=False)
 
 
