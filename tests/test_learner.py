@@ -175,3 +175,25 @@ def test_zero3_weight_sync_gathers_one_bucket_at_a_time(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["yielded"] == out["params"] and out["shapes_ok"]
     assert out["max_gathered"] <= 3 < out["params"]  # 600 elements: at most a few small tensors together
+
+
+REINIT_SCRIPT = """
+import torch
+from rlpost.config import load_config
+from rlpost.learner import Learner
+cfg = load_config(None, ["model.name=tiny-random"])
+Learner(cfg.model.name, cfg.train)
+torch.distributed.destroy_process_group()  # what vLLM's in-process engine does when it shuts down
+Learner(cfg.model.name, cfg.train)
+print("second learner ok")
+"""
+
+
+def test_a_second_learner_after_the_default_group_was_destroyed():
+    """A second run in one process (a notebook, the test suite) after something else destroyed the
+    default process group behind DeepSpeed's back (vLLM's in-process engine does, on shutdown):
+    the new learner starts on a fresh group, not DeepSpeed's dead clone of the old one."""
+    proc = subprocess.run([sys.executable, "-c", REINIT_SCRIPT], cwd=REPO, capture_output=True, text=True,
+                          env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "second learner ok" in proc.stdout
