@@ -47,7 +47,7 @@ def init_distributed() -> None:
         # An earlier group in this process may have been destroyed behind DeepSpeed's back (vLLM's
         # in-process engine destroys the default group when it shuts down): its cached clones are dead.
         from deepspeed.utils import groups
-        groups._release_process_group_references()
+        groups._release_process_group_references()  # DeepSpeed 0.19.8's own hook (pinned in pyproject.toml)
         deepspeed.init_distributed(verbose=False)
 
 
