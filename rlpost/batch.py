@@ -58,28 +58,51 @@ def padded(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
-# (model, input_ids, attention_mask, position_ids) -> final hidden states [N, L, d]
-Decoder = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (model, input_ids, attention_mask, position_ids, prompt_width=P) -> final hidden states [N, L, d].
+# prompt_width is the packed layout's P (a decoder may use it to decode each distinct prompt once).
+Decoder = Callable[..., torch.Tensor]
 
 
 def hf_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               position_ids: torch.Tensor) -> torch.Tensor:
-    """The model's own decoder forward (autograd, or HF gradient checkpointing when enabled)."""
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids).last_hidden_state
+               position_ids: torch.Tensor, prompt_width: int = 0, share_prompts: bool = False) -> torch.Tensor:
+    """The model's own decoder forward (autograd, or HF gradient checkpointing when enabled).
+
+    share_prompts: rows that repeat a prompt (a GRPO group's samples, a preference pair's two answers)
+    decode it once: the distinct prompts (first `prompt_width` columns) run alone with a KV cache, the
+    cache is copied out to their rows, and the responses run on it. The same arithmetic as the
+    whole-row forward (causal attention: a prompt position never sees a response; every response
+    position attends to the same keys and values), rounded differently (other matmul shapes); a
+    repeated prompt's gradient is the sum over its rows, as in the whole-row backward. Only for plain
+    autograd: HF turns the cache off under gradient checkpointing."""
+    decoder = model.get_decoder()
+    P = prompt_width
+    if share_prompts and 0 < P < input_ids.shape[1]:
+        head = torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1)  # the mask too: a pad id may be a real token
+        distinct, rows = torch.unique(head, dim=0, return_inverse=True)
+        if len(distinct) < len(head):
+            first = torch.full((len(distinct),), len(head), device=rows.device).scatter_reduce(
+                0, rows, torch.arange(len(head), device=rows.device), "amin")
+            prompt = decoder(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                             position_ids=position_ids[first, :P], use_cache=True)
+            cache = prompt.past_key_values
+            cache.batch_select_indices(rows)  # each row's copy of its prompt's keys and values (autograd sums back)
+            rest = decoder(input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=position_ids[:, P:],
+                           past_key_values=cache, use_cache=True)
+            return torch.cat([prompt.last_hidden_state[rows], rest.last_hidden_state], 1)
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
 
 
 def response_hidden(model: torch.nn.Module, batch: Packed, decoder: Decoder = hf_decoder) -> torch.Tensor:
     """Final hidden states at the positions that score the response tokens, [N, T, d]."""
     P, T = batch.prompt_width, batch.response_mask.shape[1]
-    hidden = decoder(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+    hidden = decoder(model, batch.input_ids, batch.attention_mask, batch.position_ids, prompt_width=P)
     return hidden[:, P - 1:P - 1 + T]
 
 
 def sequence_scores(model: torch.nn.Module, batch: Packed, decoder: Decoder = hf_decoder) -> torch.Tensor:
     """A reward model's score of each row, [N]: its score head on the final hidden state of the row's
     last token that is not padding (the rightmost, as transformers' sequence classifiers pool)."""
-    hidden = decoder(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+    hidden = decoder(model, batch.input_ids, batch.attention_mask, batch.position_ids, prompt_width=batch.prompt_width)
     real = (batch.input_ids != model.config.pad_token_id).int()
     last = (torch.arange(real.shape[1], device=real.device, dtype=torch.int32) * real).argmax(-1)
     return model.score(hidden[torch.arange(len(last), device=hidden.device), last]).squeeze(-1)

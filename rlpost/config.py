@@ -293,6 +293,9 @@ class TrainConfig(Section):
     # How the decoder is back-propagated: plain autograd, HF gradient checkpointing (per layer),
     # or StreamBP (rlpost/streambp.py: exact, sequence-chunked, for long responses).
     backward: Literal["autograd", "checkpointing", "streambp"] = "autograd"
+    # backward=autograd: rows that repeat a prompt (a group's samples, a pair's answers) decode it once,
+    # sharing its keys and values (the same arithmetic, other rounding: docs/training.md#shared-prompts)
+    share_prompts: bool = True
     streambp_chunk_size: int = Field(512, ge=1)  # StreamBP rows per layer chunk
     logits_chunk_size: int = Field(256, ge=1)    # positions per vocabulary-head chunk (every mode)
     deepspeed_config: str | None = None      # default: configs/deepspeed/zero{zero_stage}.json

@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -115,6 +116,21 @@ def _frozen_entries_not_missing(module: torch.nn.Module, incompatible) -> None:
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
 
 
+class _PhaseClock:
+    """Seconds per phase, summed over laps; on an accelerator each lap waits for its queued work."""
+
+    def __init__(self, device: torch.device):
+        self.sync = getattr(torch, device.type).synchronize if device.type != "cpu" else (lambda: None)
+        self.seconds: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
 class Learner:
     """`head="lm"`: a causal LM trained through head hooks; `head="score"`: a reward model (a sequence
     classifier with one label, from a causal LM or an earlier reward model), one score per row."""
@@ -134,8 +150,9 @@ class Learner:
             model = load_classifier(model_spec, num_labels=1, partitioned=True)[0].to(device())
         else:
             model = load_model(model_spec, partitioned=True).to(device())
-        decoder = hf_decoder
+        decoder = functools.partial(hf_decoder, share_prompts=train.share_prompts)
         if train.backward == "checkpointing":
+            decoder = hf_decoder  # HF turns the KV cache off under gradient checkpointing: whole rows
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         elif train.backward == "streambp":
             try:
@@ -177,12 +194,15 @@ class Learner:
         self.engine.train()
         totals: Stats = {}
         finite = True
+        clock = _PhaseClock(self.engine.device)  # the learner's seconds: forward (+ loss), backward, optimizer
         for mb in micro_batches:
             outputs = self.engine(mb.packed.to(self.engine.device), head(mb))
             loss, stats = loss_fn(mb, outputs)
+            clock.lap("train/forward_s")
             if not torch.isfinite(loss):  # still run a (zero) backward: under ZeRO it is a collective
                 finite, loss = False, torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
             self.engine.backward(loss, scale_wrt_gas=False)
+            clock.lap("train/backward_s")
             accumulate(totals, stats)
         norm = None
         if self.clip_norm is not None:
@@ -196,12 +216,13 @@ class Learner:
             self._drop_gradients()
             return {**totals, "nonfinite": 1.0, "skipped_update": 1.0, "grad_norm": float("nan")}
         self.engine.step()
+        clock.lap("train/optimizer_s")  # with the gradient clipping above
         self.version += 1
         if self.clip_norm is None:
             norm = self.engine.get_global_grad_norm()
         totals["grad_norm"] = float(norm) if norm is not None else float("nan")
         totals["lr"] = self.scheduler.get_last_lr()[0]
-        return totals
+        return {**totals, **clock.seconds}
 
     def _drop_gradients(self) -> None:
         """Forget the accumulated gradients without stepping, as DeepSpeed's own overflow path does:

@@ -183,9 +183,10 @@ def _carry(layer: torch.nn.Module, partial: dict[torch.nn.Parameter, torch.Tenso
 
 
 def streamed_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     position_ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
+                     position_ids: torch.Tensor, chunk_size: int, prompt_width: int = 0) -> torch.Tensor:
     """Final (normed) hidden states [N, T, d] of the decoder, computed with StreamBP. Under ZeRO-3
-    each submodule gathers its own parameters in its forward hooks, as in an ordinary forward."""
+    each submodule gathers its own parameters in its forward hooks, as in an ordinary forward.
+    prompt_width is not used: StreamBP decodes whole rows (a repeated prompt is decoded per row)."""
     check_supported(model, input_ids.shape[1])
     decoder = model.get_decoder()
     embeds = decoder.embed_tokens(input_ids)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def rows(path: Path) -> int:
 
 def prm_curve(name: str, out: Path, train: Path, test: Path, epochs: float, every: int, overrides: list[str]) -> dict:
     """Train for `epochs` over `train`, evaluate every checkpoint on `test`; the curve's points."""
-    steps = max(every, round(epochs * rows(train) / PER_STEP / every) * every)
+    steps = max(every, math.ceil(epochs * rows(train) / PER_STEP / every) * every)  # at least `epochs`
     run = out / f"prm_{name}"
     if not (run / "checkpoints" / f"step_{steps}" / "hf").is_dir():
         rlpost("train", "configs/prm_steps.yaml", "--no-progress", "--set", f"run.output_dir={run}",

@@ -36,7 +36,8 @@ import pytest
 import torch
 
 GOLDEN = Path(__file__).parent / "golden" / "grpo_3step_pre_reshape.json"
-CASES = {"beta0": [], "beta0.04": ["grpo.beta=0.04"]}
+# The recorded code decoded whole rows: train.share_prompts=false reproduces it bit for bit.
+CASES = {"beta0": ["train.share_prompts=false"], "beta0.04": ["grpo.beta=0.04", "train.share_prompts=false"]}
 PROBES = 4
 
 
@@ -107,8 +108,17 @@ def test_grpo_matches_the_pre_reshape_golden(tmp_path, digit_model, case):
     if case == "beta0.04":
         assert all(s["kl"] > 0 for s in golden["steps"][1:])  # the KL term is live from step 2 on
     else:  # and run to run: same seed, same config, bit for bit
-        assert run_default(tmp_path / "b", digit_model) == first
+        assert run_default(tmp_path / "b", digit_model, *CASES[case]) == first
     assert_matches_golden(first, golden)
+
+
+def test_shared_prompts_train_what_whole_rows_trained(tmp_path, digit_model):
+    """train.share_prompts (the default) is the whole-row arithmetic, rounded otherwise: the golden run
+    within the cross-CPU budget above (float32 reordering; tests/test_shared_prompts.py shows that
+    prompts are shared and that the arithmetic is the same in float64)."""
+    got = run_default(tmp_path / "shared", digit_model, "train.share_prompts=true")
+    golden = json.loads(GOLDEN.read_text())["beta0"]
+    assert_matches_golden({**got, "sha256": None}, golden)  # the comparisons that hold across roundings
 
 
 if __name__ == "__main__":  # record: python tests/test_grpo_unchanged.py OUT.json COMMIT TINY_DIGITS_DIR

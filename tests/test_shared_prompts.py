@@ -1,0 +1,86 @@
+"""train.share_prompts: each distinct prompt of a micro-batch decoded once (rlpost/batch.py:hf_decoder).
+The arithmetic is the whole-row forward's, so in float64 (with the norms in float64 too) the log-probs
+and every parameter gradient agree to rounding: relative 1e-10 is ~1e5 float64 ulps, far above
+reordered sums of a few hundred terms and far below any real difference (a prompt position that saw a
+response, a wrong position id, a dropped gradient path: all O(1e-2) or more on this model)."""
+import functools
+
+import torch
+
+from rlpost.batch import head_outputs, hf_decoder, logprob_head, pack
+from rollout.types import FinishReason, Sample
+from test_streambp import spec_model, true_float64_norms  # noqa: F401 - fixture
+
+SHARED = functools.partial(hf_decoder, share_prompts=True)
+
+
+def group_batch(pad_id: int = 0):
+    """Two GRPO-like groups (3 and 2 samples of one prompt each) and a lone prompt; prompts of 4-7
+    tokens (left padding), ragged responses (right padding)."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 50, (n,), generator=g).tolist() for n in (7, 4, 6)]
+    samples = []
+    for prompt, lengths in zip(prompts, [(9, 3, 12), (1, 8), (5,)]):
+        for r in lengths:
+            samples.append(Sample(prompt, torch.randint(3, 50, (r,), generator=g).tolist(), [0.0] * r,
+                                  FinishReason.STOP))
+    return pack(samples, pad_id)
+
+
+def logp_and_grads(model, batch, decoder):
+    model.zero_grad()
+    logp = head_outputs(model, batch, logprob_head(0.7), chunk_size=5, decoder=decoder)["logp"]
+    weights = torch.linspace(-1, 1, logp.numel(), dtype=logp.dtype).view_as(logp)
+    (logp * weights * batch.response_mask).sum().backward()
+    return logp.detach() * batch.response_mask, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def test_shared_prompts_equal_whole_rows_in_float64(true_float64_norms):
+    model = spec_model(0)
+    batch = group_batch()
+    whole_logp, whole_grads = logp_and_grads(model, batch, hf_decoder)
+    shared_logp, shared_grads = logp_and_grads(model, batch, SHARED)
+    assert relative(shared_logp, whole_logp) < 1e-10
+    for name, grad in whole_grads.items():
+        assert relative(shared_grads[name], grad) < 1e-10, name
+
+
+def test_each_distinct_prompt_is_embedded_once():
+    """Without sharing the decoder embeds 6 rows x 19 columns; with it 3 prompts x 7 columns, then the
+    6 rows' 12 response columns."""
+    model = spec_model(0, torch.float32)
+    batch = group_batch()
+    assert batch.input_ids.shape == (6, 19) and batch.prompt_width == 7
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    head_outputs(model, batch, logprob_head(), decoder=SHARED)
+    handle.remove()
+    assert seen == [torch.Size([3, 7]), torch.Size([6, 12])]
+
+
+def test_a_prompt_that_looks_padded_is_not_merged_with_a_padded_one(true_float64_norms):
+    """Prompt [0, 5] where 0 is also the pad id, and prompt [5] left-padded to [0, 5]: the same ids,
+    other attention masks; they must not share (the mask is part of what makes a prompt)."""
+    model = spec_model(1)
+    samples = [Sample(p, r, [0.0] * len(r), FinishReason.STOP) for p, r in
+               [([0, 5], [7, 8]), ([5], [7, 8]), ([5], [9])]]
+    batch = pack(samples, pad_id=0)
+    assert torch.equal(batch.input_ids[0, :2], batch.input_ids[1, :2])
+    whole, _ = logp_and_grads(model, batch, hf_decoder)
+    shared, _ = logp_and_grads(model, batch, SHARED)
+    assert relative(shared, whole) < 1e-10
+    assert relative(whole[0], whole[1]) > 1e-3  # the two prompts really score differently
+
+
+def test_no_repeated_prompt_decodes_whole_rows():
+    model = spec_model(0, torch.float32)
+    samples = [Sample([3 + i, 4], [5, 6], [0.0, 0.0], FinishReason.STOP) for i in range(3)]
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    head_outputs(model, pack(samples, 0), logprob_head(), decoder=SHARED)
+    handle.remove()
+    assert seen == [torch.Size([3, 4])]
