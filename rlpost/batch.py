@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rollout.types import FinishReason, Sample, world
+from rollout.types import FinishReason, Sample, distinct_rows, world
 
 
 @dataclass
@@ -77,11 +77,9 @@ def hf_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     decoder = model.get_decoder()
     P = prompt_width
     if share_prompts and 0 < P < input_ids.shape[1]:
-        head = torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1)  # the mask too: a pad id may be a real token
-        distinct, rows = torch.unique(head, dim=0, return_inverse=True)
-        if len(distinct) < len(head):
-            first = torch.full((len(distinct),), len(head), device=rows.device).scatter_reduce(
-                0, rows, torch.arange(len(head), device=rows.device), "amin")
+        # the mask too: a pad id may be a real token
+        first, rows = distinct_rows(torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1))
+        if len(first) < len(rows):
             prompt = decoder(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
                              position_ids=position_ids[first, :P], use_cache=True)
             cache = prompt.past_key_values

@@ -88,9 +88,11 @@ def make_rollout_engine(cfg: Config, tokenizer, learner, data: RunData):
             raise ConfigError("rollout.shared_model=true: under ZeRO-3 the learner holds a shard of each weight; "
                               "use rollout.shared_model=false (a whole copy receives the weights each step)")
         from rollout.hf_engine import SharedHFEngine
-        return SharedHFEngine(learner.model, tokenizer, max_batch_size=r.max_batch_size, tokens_per_step=r.tokens_per_step)
+        return SharedHFEngine(learner.model, tokenizer, max_batch_size=r.max_batch_size, tokens_per_step=r.tokens_per_step,
+                              share_prompts=r.share_prompts)
     longest = max(data.train_prompts.longest(), data.test_prompts.longest())
-    options = {"max_batch_size": r.max_batch_size, "tokens_per_step": r.tokens_per_step, **cfg.vllm_options(longest)}
+    options = {"max_batch_size": r.max_batch_size, "tokens_per_step": r.tokens_per_step, "share_prompts": r.share_prompts,
+               **cfg.vllm_options(longest)}
     if r.placement == "workers":
         from rollout.workers import WorkerPool, worker_specs
         cores = os.cpu_count() or 2

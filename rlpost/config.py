@@ -113,6 +113,9 @@ class RolloutConfig(Section):
     scheduler: Literal["sync", "april", "dataset"] = "sync"
     april_submit_groups: int | None = Field(None, ge=1)  # N' under april; None: 2 * prompts_per_step
     tokens_per_step: int = Field(8, ge=1)    # hf engine under APRIL: tokens per streaming step
+    # hf engine: rows that repeat a prompt (a group) prefill it once and share its KV cache (the same
+    # arithmetic, other rounding: docs/training.md#shared-prompts); vLLM runs without prefix caching
+    share_prompts: bool = True
     # vLLM engine: the longest prompt + response it serves (None: the job's longest prompt, at most
     # data.max_prompt_tokens, + the longest generation, training or eval), the share of GPU memory it
     # may take (the learner shares the GPU), and on CPU the GiB of KV cache (None: what max_batch_size

@@ -40,9 +40,11 @@ class StreamingEngine(RolloutEngine, Protocol):
 
 def make_engine(kind: str, model_spec: str, tokenizer, device: torch.device | str = "cpu", *,
                 max_batch_size: int = 64, tokens_per_step: int = 8, max_model_len: int = 2048,
-                gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float | None = 2, seed: int = 0) -> RolloutEngine:
+                gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float | None = 2, seed: int = 0,
+                share_prompts: bool = True) -> RolloutEngine:
     """`hf`: transformers; `vllm`: vLLM in this process; `auto`: vLLM when it imports, else hf.
-    `max_model_len`, `gpu_memory_utilization` and `cpu_kv_cache_gib` are vLLM's (Config.vllm_options)."""
+    `max_model_len`, `gpu_memory_utilization` and `cpu_kv_cache_gib` are vLLM's (Config.vllm_options),
+    `share_prompts` the hf engine's (one prefill per distinct prompt)."""
     from rollout.models import load_model, merged_dir
     from rollout import vllm_engine
 
@@ -59,5 +61,5 @@ def make_engine(kind: str, model_spec: str, tokenizer, device: torch.device | st
     if kind == "hf":
         from rollout.hf_engine import HFEngine
         return HFEngine(load_model(model_spec).to(device), tokenizer, max_batch_size=max_batch_size,
-                        tokens_per_step=tokens_per_step)
+                        tokens_per_step=tokens_per_step, share_prompts=share_prompts)
     raise UserError(f"rollout.engine: unknown engine {kind!r} (choose hf, vllm or auto)")

@@ -11,9 +11,9 @@ import time
 from typing import Iterable
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from rollout.types import FinishReason, Sample, SamplingParams
+from rollout.types import FinishReason, Sample, SamplingParams, distinct_rows
 
 
 class _FinishClock(StoppingCriteria):
@@ -34,9 +34,11 @@ class _FinishClock(StoppingCriteria):
 
 
 class HFEngine:
-    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int = 64, tokens_per_step: int = 8):
+    def __init__(self, model: torch.nn.Module, tokenizer, max_batch_size: int = 64, tokens_per_step: int = 8,
+                 share_prompts: bool = True):
         self.model = model.eval()
         self.tokens_per_step = tokens_per_step
+        self.share_prompts = share_prompts
         self._running: dict[str, tuple[SamplingParams, Sample]] = {}
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -77,8 +79,10 @@ class HFEngine:
             top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
             output_logits=True, return_dict_in_generate=True)
         clock = _FinishClock(len(prompts), self.stop_ids)
+        cache = self._shared_prefill(input_ids, attention_mask, device) if self.share_prompts else None
         out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  generation_config=config, stopping_criteria=StoppingCriteriaList([clock]))
+                                  past_key_values=cache, generation_config=config,
+                                  stopping_criteria=StoppingCriteriaList([clock]))
         done = time.time()
         new_tokens = out.sequences[:, width:].cpu()
         # Behaviour log-prob = log softmax(logits / T) of the sampled token, before top-p: the same
@@ -103,6 +107,20 @@ class HFEngine:
                 text=self.tokenizer.decode(response, skip_special_tokens=True),
                 finished_at=clock.finished_at[row] or done))
         return samples
+
+    def _shared_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, device) -> DynamicCache | None:
+        """rollout.share_prompts, when rows repeat a prompt (a group's samples): the KV cache of each
+        distinct prompt but its last token, computed once and copied out to its rows; `generate` then
+        runs from the last prompt token on. Positions as `generate` counts them (from the first real
+        token). The same arithmetic as the whole prefill, rounded otherwise (tests/test_shared_prompts.py)."""
+        first, rows = distinct_rows(torch.cat([input_ids, attention_mask], 1))
+        if len(first) == len(rows) or input_ids.shape[1] < 2:
+            return None
+        ids, mask = input_ids[first, :-1].to(device), attention_mask[first, :-1].to(device)
+        cache = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_select_indices(rows.to(device))
+        return cache
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         if request_id in self._running:

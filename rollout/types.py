@@ -80,3 +80,14 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def distinct_rows(rows: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    """For a [N, L] tensor: the index of the first row of each distinct row, and for every row the
+    number of its distinct row (rows[first][inverse] == rows). How the engine and the learner decode a
+    repeated prompt once."""
+    import torch
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((len(distinct),), len(rows), device=rows.device).scatter_reduce(
+        0, inverse, torch.arange(len(rows), device=rows.device), "amin")
+    return first, inverse

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_vs_trl.py [--steps 8] [--warmup 2] [--engine hf|vllm|auto]
                                              [--out runs/bench_vs_trl] [CONFIG] [--set key=value ...]
+                                             [--variant NAME=KEY=VALUE;KEY=VALUE ...]
 
 The job is CONFIG's (default configs/grpo_math.yaml): its model, training prompts (the same chat
 messages, system prompt included), group size, max new tokens, temperature, learning rate (constant,
@@ -19,7 +20,10 @@ second copy of the model that receives the weights each step; vllm when installe
 runs in its own process (`--child`); the table gives seconds per step and completion tokens per
 second over the steps after --warmup, mean completion length (so tokens/s compare at matched
 lengths), and the process's peak RSS (children included for vLLM's engine process, as a sum of peaks:
-an upper bound).
+an upper bound). Each --variant is one more rlpost arm with its own overrides (e.g.
+`--variant whole=train.share_prompts=false --variant shared=train.share_prompts=true`), and a second
+table splits each rlpost step into its phases from rlpost's own metrics (rollout, the learner's
+forwards / backwards / optimizer step, the weight sync, the rest).
 """
 from __future__ import annotations
 
@@ -46,14 +50,19 @@ def run_rlpost(config: str, overrides: list[str], steps: int, engine: str, out: 
     from rlpost.config import load_config
     from rlpost.metrics import read_metrics
     from rlpost.trainer import train
-    cfg = load_config(config, [*overrides, f"train.max_steps={steps}", f"run.output_dir={out / 'rlpost'}",
+    cfg = load_config(config, [*overrides, f"train.max_steps={steps}", f"run.output_dir={out}",
                                f"rollout.engine={engine}", "grpo.dynamic_sampling=false", "eval.kind=none",
                                "checkpoint.every=0", "reward.functions=[{fn: 'rewards.math:accuracy'}]"])
     train(cfg, show_progress=False)
-    rows = [r for r in read_metrics(out / "rlpost") if "reward" in r]
+    rows = [r for r in read_metrics(out) if "reward" in r]
     per_step = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     return {"step_s": [r["step_s"] for r in rows], "mean_length": [r["response_length"] for r in rows],
-            "completions": per_step, "reward": [r["reward"] for r in rows]}
+            "completions": per_step, "reward": [r["reward"] for r in rows],
+            "phases": {k: [r.get(k, 0.0) for r in rows] for k in PHASES}}
+
+
+# Where an rlpost step goes, from its own metrics (the rest: rewards, packing, metrics, the sampler)
+PHASES = ("rollout_s", "train/forward_s", "train/backward_s", "train/optimizer_s", "weight_sync_s")
 
 
 def run_trl(config: str, overrides: list[str], steps: int, out: Path) -> dict:
@@ -110,7 +119,8 @@ def summarise(result: dict, warmup: int) -> dict:
     length = statistics.mean(result["mean_length"][later])
     return {"steps": len(result["step_s"][later]), "step_s": step_s, "mean_length": length,
             "tokens_per_s": length * result["completions"] / step_s, "peak_rss_gib": result["peak_rss_gib"],
-            "reward": statistics.mean(result["reward"][later])}
+            "reward": statistics.mean(result["reward"][later]),
+            "phases": {k: statistics.mean(v[later]) for k, v in result.get("phases", {}).items()}}
 
 
 def main() -> int:
@@ -121,22 +131,33 @@ def main() -> int:
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm", "auto"], help="rlpost's rollout engine")
     parser.add_argument("--out", default="runs/bench_vs_trl")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--child", choices=["rlpost", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE;KEY=VALUE",
+                        help="an rlpost arm with its own overrides (repeatable; default: one arm, no overrides)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = (REPO / args.out).resolve()
     if args.steps <= args.warmup:
         parser.error(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+    variants = {"rlpost": []}
+    if args.variant:
+        variants = {}
+        for spec in args.variant:
+            name, sep, sets = spec.partition("=")
+            if not sep or not name or name == "trl":
+                parser.error(f"--variant {spec!r}: expected NAME=KEY=VALUE;KEY=VALUE (NAME not 'trl')")
+            variants[name] = [o for o in sets.split(";") if o]
     if args.child:
         out.mkdir(parents=True, exist_ok=True)
-        result = (run_rlpost(args.config, args.overrides, args.steps, args.engine, out) if args.child == "rlpost"
-                  else run_trl(args.config, args.overrides, args.steps, out))
+        result = (run_trl(args.config, args.overrides, args.steps, out) if args.child == "trl" else
+                  run_rlpost(args.config, args.overrides + variants[args.child], args.steps, args.engine, out / args.child))
         result["peak_rss_gib"] = peak_rss_gib()
         (out / f"{args.child}.json").write_text(json.dumps(result))
         return 0
     results = {}
-    for who in ("trl", "rlpost"):
+    for who in ("trl", *variants):
         cmd = [sys.executable, __file__, args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--engine", args.engine, "--out", str(out), "--child", who, *[x for o in args.overrides for x in ("--set", o)]]
+               "--engine", args.engine, "--out", str(out), "--child", who, *[x for o in args.overrides for x in ("--set", o)],
+               *[x for v in args.variant for x in ("--variant", v)]]
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=REPO, check=True)
         results[who] = summarise(json.loads((out / f"{who}.json").read_text()), args.warmup)
@@ -149,6 +170,13 @@ def main() -> int:
         lines.append(f"| {who} | {r['step_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / trl['tokens_per_s']:.2f} | "
                      f"{r['mean_length']:.1f} | {r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] / trl['peak_rss_gib']:.2f} | "
                      f"{r['reward']:.3f} |")
+    lines += ["", "Where each rlpost step goes (seconds, same steps; the rest: rewards, packing, metrics):", "",
+              "| trainer | step | " + " | ".join(PHASES) + " | rest |", "|---|---|" + "---|" * (len(PHASES) + 1)]
+    for who, r in results.items():
+        if r["phases"]:
+            rest = r["step_s"] - sum(r["phases"].values())
+            lines.append(f"| {who} | {r['step_s']:.2f} | " + " | ".join(f"{r['phases'][k]:.2f}" for k in PHASES) +
+                         f" | {rest:.2f} |")
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(table + "\n")

@@ -36,8 +36,9 @@ import pytest
 import torch
 
 GOLDEN = Path(__file__).parent / "golden" / "grpo_3step_pre_reshape.json"
-# The recorded code decoded whole rows: train.share_prompts=false reproduces it bit for bit.
-CASES = {"beta0": ["train.share_prompts=false"], "beta0.04": ["grpo.beta=0.04", "train.share_prompts=false"]}
+# The recorded code decoded whole rows: share_prompts=false (engine and learner) reproduces it bit for bit.
+WHOLE_ROWS = ["rollout.share_prompts=false", "train.share_prompts=false"]
+CASES = {"beta0": WHOLE_ROWS, "beta0.04": ["grpo.beta=0.04", *WHOLE_ROWS]}
 PROBES = 4
 
 
@@ -113,10 +114,10 @@ def test_grpo_matches_the_pre_reshape_golden(tmp_path, digit_model, case):
 
 
 def test_shared_prompts_train_what_whole_rows_trained(tmp_path, digit_model):
-    """train.share_prompts (the default) is the whole-row arithmetic, rounded otherwise: the golden run
+    """share_prompts in the engine and the learner (the default) is the whole-row arithmetic, rounded otherwise: the golden run
     within the cross-CPU budget above (float32 reordering; tests/test_shared_prompts.py shows that
     prompts are shared and that the arithmetic is the same in float64)."""
-    got = run_default(tmp_path / "shared", digit_model, "train.share_prompts=true")
+    got = run_default(tmp_path / "shared", digit_model, "rollout.share_prompts=true", "train.share_prompts=true")
     golden = json.loads(GOLDEN.read_text())["beta0"]
     assert_matches_golden({**got, "sha256": None}, golden)  # the comparisons that hold across roundings
 

@@ -84,3 +84,28 @@ def test_no_repeated_prompt_decodes_whole_rows():
     head_outputs(model, pack(samples, 0), logprob_head(), decoder=SHARED)
     handle.remove()
     assert seen == [torch.Size([3, 4])]
+
+
+def engine_samples(model, tokenizer, share: bool, temperature: float):
+    from rollout.hf_engine import HFEngine
+    from rollout.types import SamplingParams
+    engine = HFEngine(model, tokenizer, share_prompts=share)
+    prompts = [[5, 9, 14, 3], [22, 7]] * 3 + [[30, 31, 32]]  # two repeated prompts and a lone one
+    return engine.generate(prompts, SamplingParams(max_new_tokens=6, temperature=temperature, seed=11))
+
+
+def test_the_hf_engine_prefills_each_distinct_prompt_once(tokenizer, true_float64_norms):
+    """rollout.share_prompts: the same tokens and behaviour log-probs as the whole prefill (float64,
+    the bound above), greedy and sampled with a seed; and the prefill really ran once per prompt."""
+    model = spec_model(2)
+    for temperature in (0.0, 1.0):
+        whole = engine_samples(model, tokenizer, False, temperature)
+        seen = []
+        handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+        shared = engine_samples(model, tokenizer, True, temperature)
+        handle.remove()
+        assert seen[:2] == [torch.Size([3, 3]), torch.Size([7, 1])]  # 3 prompts x 3 columns, then the last column
+        assert [s.response_ids for s in shared] == [s.response_ids for s in whole]
+        assert len({tuple(s.response_ids) for s in whole[:6:2]}) > 1 or temperature == 0  # sampling varies
+        for a, b in zip(shared, whole):  # the engine rounds its log-probs to float32: a few float32 ulps
+            assert relative(torch.tensor(a.logprobs, dtype=torch.float64), torch.tensor(b.logprobs, dtype=torch.float64)) < 1e-6
