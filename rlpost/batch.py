@@ -63,22 +63,33 @@ def padded(rows: list[list[float]], width: int) -> torch.Tensor:
 Decoder = Callable[..., torch.Tensor]
 
 
+PACKED_MAX_TOKENS = 512  # share_prompts packs a micro-batch into one row up to this many real tokens
+# (its attention is over the whole row: [L, L] per head and layer, kept for backward on CPU)
+
+
 def hf_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                position_ids: torch.Tensor, prompt_width: int = 0, share_prompts: bool = False) -> torch.Tensor:
     """The model's own decoder forward (autograd, or HF gradient checkpointing when enabled).
 
     share_prompts: rows that repeat a prompt (a GRPO group's samples, a preference pair's two answers)
-    decode it once: the distinct prompts (first `prompt_width` columns) run alone with a KV cache, the
-    cache is copied out to their rows, and the responses run on it. The same arithmetic as the
-    whole-row forward (causal attention: a prompt position never sees a response; every response
-    position attends to the same keys and values), rounded differently (other matmul shapes); a
-    repeated prompt's gradient is the sum over its rows, as in the whole-row backward. Only for plain
-    autograd: HF turns the cache off under gradient checkpointing."""
+    decode it once (the prompt is the first `prompt_width` columns). A micro-batch of at most
+    PACKED_MAX_TOKENS real tokens becomes one row without padding: each distinct prompt, then every
+    response, with a mask that lets a token see its own prompt and its own response's earlier tokens
+    (`_tree_packed`); a bigger one runs its distinct prompts alone with a KV cache, copies the cache out
+    to their rows and runs the responses on it. Either way the whole-row forward's arithmetic (a prompt
+    position never sees a response; every response position attends to the same keys and values),
+    rounded differently (other matmul shapes); a repeated prompt's gradient is the sum over its rows, as
+    in the whole-row backward. Only for plain autograd: HF turns the cache off under gradient
+    checkpointing."""
     decoder = model.get_decoder()
     P = prompt_width
     if share_prompts and 0 < P < input_ids.shape[1]:
         # the mask too: a pad id may be a real token
         first, rows = distinct_rows(torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1))
+        real = int(attention_mask[first, :P].sum() + attention_mask[:, P:].sum())
+        if real <= PACKED_MAX_TOKENS and model.config._attn_implementation in ("sdpa", "eager"):
+            return _tree_packed(decoder, input_ids, attention_mask, position_ids, P, first, rows,
+                                next(model.parameters()).dtype)
         if len(first) < len(rows):
             prompt = decoder(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
                              position_ids=position_ids[first, :P], use_cache=True)
@@ -88,6 +99,40 @@ def hf_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
                            past_key_values=cache, use_cache=True)
             return torch.cat([prompt.last_hidden_state[rows], rest.last_hidden_state], 1)
     return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
+
+def _tree_packed(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, P: int, first: torch.Tensor, rows: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The micro-batch as one row: the distinct prompts' real tokens, then every row's real response
+    tokens; query a sees key b where both belong to one prompt, b is not later (position ids), and b is
+    a prompt token or a token of a's own response. Hidden states come back in the [N, W] layout
+    (zeros at padding, which nothing reads)."""
+    device, (N, W) = input_ids.device, input_ids.shape
+    real = attention_mask.bool()
+    prompt_cols, response_cols = real[first, :P], real[:, P:]
+    # per packed token: where it comes from (row, column), its prompt, and its response row (-1: prompt)
+    row_ids = torch.arange(N, device=device)[:, None].expand(-1, W - P)[response_cols]
+    src_row = torch.cat([first[:, None].expand(-1, P)[prompt_cols], row_ids])
+    src_col = torch.cat([torch.arange(P, device=device).expand(len(first), -1)[prompt_cols],
+                         torch.arange(P, W, device=device).expand(N, -1)[response_cols]])
+    prompt_of = torch.cat([torch.arange(len(first), device=device)[:, None].expand(-1, P)[prompt_cols],
+                           rows[:, None].expand(-1, W - P)[response_cols]])
+    response_of = torch.cat([torch.full((int(prompt_cols.sum()),), -1, device=device), row_ids])
+    positions = position_ids[src_row, src_col]
+    sees = ((prompt_of[:, None] == prompt_of[None, :]) & (positions[None, :] <= positions[:, None])
+            & ((response_of[None, :] == -1) | (response_of[None, :] == response_of[:, None])))
+    mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill(~sees, torch.finfo(dtype).min)
+    hidden = decoder(input_ids=input_ids[src_row, src_col][None], attention_mask=mask[None, None],
+                     position_ids=positions[None]).last_hidden_state[0]
+    # back to [N, W]: a row's prompt columns read its prompt's tokens, its response columns its own
+    index = torch.full((N, W), len(src_row), dtype=torch.long, device=device)
+    packed_at = torch.arange(len(src_row), device=device)
+    prompt_index = torch.full((len(first), P), len(src_row), dtype=torch.long, device=device)
+    prompt_index[prompt_cols] = packed_at[:int(prompt_cols.sum())]
+    index[:, :P] = prompt_index[rows]
+    index[:, P:][response_cols] = packed_at[int(prompt_cols.sum()):]
+    return torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])[index]
 
 
 def response_hidden(model: torch.nn.Module, batch: Packed, decoder: Decoder = hf_decoder) -> torch.Tensor:

@@ -297,7 +297,8 @@ class TrainConfig(Section):
     # or StreamBP (rlpost/streambp.py: exact, sequence-chunked, for long responses).
     backward: Literal["autograd", "checkpointing", "streambp"] = "autograd"
     # backward=autograd: rows that repeat a prompt (a group's samples, a pair's answers) decode it once,
-    # sharing its keys and values (the same arithmetic, other rounding: docs/training.md#shared-prompts)
+    # and a micro-batch of <= 512 tokens runs as one row without padding (the same arithmetic, other
+    # rounding: docs/training.md#shared-prompts)
     share_prompts: bool = True
     streambp_chunk_size: int = Field(512, ge=1)  # StreamBP rows per layer chunk
     logits_chunk_size: int = Field(256, ge=1)    # positions per vocabulary-head chunk (every mode)

@@ -1,12 +1,15 @@
-"""train.share_prompts: each distinct prompt of a micro-batch decoded once (rlpost/batch.py:hf_decoder).
+"""train.share_prompts: each distinct prompt of a micro-batch decoded once (rlpost/batch.py:hf_decoder),
+packed into one row without padding (small micro-batches) or through a copied KV cache (big ones).
 The arithmetic is the whole-row forward's, so in float64 (with the norms in float64 too) the log-probs
 and every parameter gradient agree to rounding: relative 1e-10 is ~1e5 float64 ulps, far above
 reordered sums of a few hundred terms and far below any real difference (a prompt position that saw a
 response, a wrong position id, a dropped gradient path: all O(1e-2) or more on this model)."""
 import functools
 
+import pytest
 import torch
 
+from rlpost import batch as batch_lib
 from rlpost.batch import head_outputs, hf_decoder, logprob_head, pack
 from rollout.types import FinishReason, Sample
 from test_streambp import spec_model, true_float64_norms  # noqa: F401 - fixture
@@ -39,7 +42,16 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
-def test_shared_prompts_equal_whole_rows_in_float64(true_float64_norms):
+@pytest.fixture(params=["packed", "cache"])
+def path(request, monkeypatch):
+    """Both ways of sharing: one packed row (the default for small micro-batches), or the KV cache (a
+    micro-batch above PACKED_MAX_TOKENS)."""
+    if request.param == "cache":
+        monkeypatch.setattr(batch_lib, "PACKED_MAX_TOKENS", 1)
+    return request.param
+
+
+def test_shared_prompts_equal_whole_rows_in_float64(true_float64_norms, path):
     model = spec_model(0)
     batch = group_batch()
     whole_logp, whole_grads = logp_and_grads(model, batch, hf_decoder)
@@ -49,9 +61,10 @@ def test_shared_prompts_equal_whole_rows_in_float64(true_float64_norms):
         assert relative(shared_grads[name], grad) < 1e-10, name
 
 
-def test_each_distinct_prompt_is_embedded_once():
-    """Without sharing the decoder embeds 6 rows x 19 columns; with it 3 prompts x 7 columns, then the
-    6 rows' 12 response columns."""
+def test_each_distinct_prompt_is_embedded_once(path):
+    """Without sharing the decoder embeds 6 rows x 19 columns; packed, one row of the 17 prompt tokens
+    (7 + 4 + 6) and the 38 response tokens (9 + 3 + 12 + 1 + 8 + 5); through the cache, 3 prompts x 7
+    columns, then the 6 rows' 12 response columns."""
     model = spec_model(0, torch.float32)
     batch = group_batch()
     assert batch.input_ids.shape == (6, 19) and batch.prompt_width == 7
@@ -59,10 +72,10 @@ def test_each_distinct_prompt_is_embedded_once():
     handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
     head_outputs(model, batch, logprob_head(), decoder=SHARED)
     handle.remove()
-    assert seen == [torch.Size([3, 7]), torch.Size([6, 12])]
+    assert seen == ([torch.Size([1, 55])] if path == "packed" else [torch.Size([3, 7]), torch.Size([6, 12])])
 
 
-def test_a_prompt_that_looks_padded_is_not_merged_with_a_padded_one(true_float64_norms):
+def test_a_prompt_that_looks_padded_is_not_merged_with_a_padded_one(true_float64_norms, path):
     """Prompt [0, 5] where 0 is also the pad id, and prompt [5] left-padded to [0, 5]: the same ids,
     other attention masks; they must not share (the mask is part of what makes a prompt)."""
     model = spec_model(1)
@@ -76,14 +89,14 @@ def test_a_prompt_that_looks_padded_is_not_merged_with_a_padded_one(true_float64
     assert relative(whole[0], whole[1]) > 1e-3  # the two prompts really score differently
 
 
-def test_no_repeated_prompt_decodes_whole_rows():
+def test_no_repeated_prompt_is_packed_or_decodes_whole_rows(path):
     model = spec_model(0, torch.float32)
     samples = [Sample([3 + i, 4], [5, 6], [0.0, 0.0], FinishReason.STOP) for i in range(3)]
     seen = []
     handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
     head_outputs(model, pack(samples, 0), logprob_head(), decoder=SHARED)
     handle.remove()
-    assert seen == [torch.Size([3, 4])]
+    assert seen == ([torch.Size([1, 12])] if path == "packed" else [torch.Size([3, 4])])
 
 
 def engine_samples(model, tokenizer, share: bool, temperature: float):
