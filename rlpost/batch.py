@@ -5,6 +5,7 @@ response starts at column P. The logits that score response token t live at colu
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -99,6 +100,13 @@ def hf_decoder(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
                            past_key_values=cache, use_cache=True)
             return torch.cat([prompt.last_hidden_state[rows], rest.last_hidden_state], 1)
     return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
+
+def rows_decoder(share_prompts: bool) -> Decoder:
+    """hf_decoder laid out as the learner lays out its rows (TrainConfig.shares_prompts): frozen models
+    that score what the learner scores (a reference, teachers, APO's snapshots) use it, so that equal
+    weights give bit-equal log-probs (an implicit reward of exactly 0 at the start, ratios of exactly 1)."""
+    return functools.partial(hf_decoder, share_prompts=share_prompts)
 
 
 def _tree_packed(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -304,6 +304,11 @@ class TrainConfig(Section):
     logits_chunk_size: int = Field(256, ge=1)    # positions per vocabulary-head chunk (every mode)
     deepspeed_config: str | None = None      # default: configs/deepspeed/zero{zero_stage}.json
 
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether the learner's rows share their prompts (share_prompts applies to plain autograd)."""
+        return self.share_prompts and self.backward == "autograd"
+
     def deepspeed_config_path(self) -> Path:
         return Path(self.deepspeed_config or REPO_ROOT / "configs" / "deepspeed" / f"zero{self.zero_stage}.json")
 

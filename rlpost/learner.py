@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from rlpost.batch import Decoder, HeadFn, Packed, head_gradient_norms, head_outputs, hf_decoder, sequence_scores
+from rlpost.batch import (Decoder, HeadFn, Packed, head_gradient_norms, head_outputs, hf_decoder, rows_decoder,
+                          sequence_scores)
 from rlpost import lora as lora_lib
 from rlpost.config import ConfigError, LoraConfig, TrainConfig
 from rlpost.metrics import Stats, accumulate
@@ -150,9 +151,8 @@ class Learner:
             model = load_classifier(model_spec, num_labels=1, partitioned=True)[0].to(device())
         else:
             model = load_model(model_spec, partitioned=True).to(device())
-        decoder = functools.partial(hf_decoder, share_prompts=train.share_prompts)
+        decoder = rows_decoder(train.shares_prompts)  # whole rows under checkpointing (no KV cache there)
         if train.backward == "checkpointing":
-            decoder = hf_decoder  # HF turns the KV cache off under gradient checkpointing: whole rows
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         elif train.backward == "streambp":
             try:

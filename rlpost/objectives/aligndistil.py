@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from rlpost.algorithms import aligndistil as ad
-from rlpost.batch import HeadFn, Packed, empty_pack, pack, pad_across_ranks, response_hidden
+from rlpost.batch import HeadFn, Packed, empty_pack, pack, pad_across_ranks, response_hidden, rows_decoder
 from rlpost.config import Config, ConfigError
 from rlpost.metrics import Mean, Stats
 from rollout.types import Group, world
@@ -43,6 +43,7 @@ class AlignDistil:
         self.cfg = cfg.aligndistil
         self.teachers = frozen  # "dpo", "reverse" and, for the theorem-1 modes, "reference"
         self.pad_id, self.micro_batch_size = pad_id, cfg.train.micro_batch_size
+        self._decoder = rows_decoder(cfg.train.shares_prompts)  # the teachers read rows as the learner does
         self._w: list[torch.Tensor] = []   # this step's w_t and teacher L1 at every response token
         self._l1: list[torch.Tensor] = []
         self._metrics: dict[str, float] = {}
@@ -75,7 +76,7 @@ class AlignDistil:
         for start in range(0, len(samples), self.micro_batch_size):
             packed = pack(samples[start:start + self.micro_batch_size], self.pad_id)
             with torch.no_grad():
-                hidden = {name: response_hidden(model, packed.to(_device(model))).detach()
+                hidden = {name: response_hidden(model, packed.to(_device(model)), self._decoder).detach()
                           for name, model in self.teachers.items()}
             parts.append((packed, hidden))
         empty = (lambda: (empty_pack(self.pad_id), {n: torch.zeros(1, 1, m.config.hidden_size, device=_device(m))

@@ -73,8 +73,8 @@ class APO(DPO):
             margins = []
             for rows in pair_rows(pairs, self.pairs_per_micro_batch):
                 packed, n = pack(rows, self.pad_id), len(rows) // 2
-                latest = sequence_logps(self.latest, packed)
-                previous = sequence_logps(self.previous, packed) if self.round > 1 else None
+                latest = sequence_logps(self.latest, packed, self._decoder)
+                previous = sequence_logps(self.previous, packed, self._decoder) if self.round > 1 else None
                 ref = dpo.extrapolated_reference(latest, previous, self.alpha)
                 self._parts.append((packed, ref[:n], ref[n:]))
                 # the policy starts the round at pi_t: its DPO margin against the extrapolated reference

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from rlpost.algorithms import dpo
-from rlpost.batch import HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, pair_rows, token_logprobs
+from rlpost.batch import (Decoder, HeadFn, Packed, empty_pack, hf_decoder, logprob_head, pack, pad_across_ranks,
+                          pair_rows, rows_decoder, token_logprobs)
 from rlpost.config import Config
 from rlpost.metrics import Mean, Stats
 from rollout.types import Group, Sample, world
@@ -52,11 +53,12 @@ class PairBatch:
     pairs_per_rank: float        # the step's pairs over all ranks / world size: the loss normaliser
 
 
-def sequence_logps(model: torch.nn.Module, packed: Packed) -> torch.Tensor:
+def sequence_logps(model: torch.nn.Module, packed: Packed, decoder: Decoder = hf_decoder) -> torch.Tensor:
     """log pi(y|x) per row under a frozen model, float64 on the CPU."""
     batch = packed.to(next(model.parameters()).device)
     with torch.no_grad():
-        return dpo.sequence_logps(token_logprobs(model, batch, 1.0)[0].double(), batch.response_mask.double()).cpu()
+        logp = token_logprobs(model, batch, 1.0, decoder=decoder)[0].double()
+        return dpo.sequence_logps(logp, batch.response_mask.double()).cpu()
 
 
 class DPO:
@@ -66,6 +68,7 @@ class DPO:
         self.pad_id = pad_id
         self.reference = frozen.get("reference")
         self._head = logprob_head(1.0)
+        self._decoder = rows_decoder(cfg.train.shares_prompts)  # frozen models read rows as the learner does
         self._metrics: dict[str, float] = {}
 
     @classmethod
@@ -91,7 +94,7 @@ class DPO:
         return out
 
     def reference_logps(self, packed: Packed) -> torch.Tensor:
-        return sequence_logps(self.reference, packed)
+        return sequence_logps(self.reference, packed, self._decoder)
 
     def micro_batches(self, groups: list[Group], advantages, version: int) -> list[PairBatch]:
         pairs = self.pairs(groups)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from rlpost.algorithms import grpo
-from rlpost.batch import HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, padded, token_logprobs
+from rlpost.batch import (HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, padded, rows_decoder,
+                          token_logprobs)
 from rlpost.config import Config
 from rlpost.metrics import Mean, Stats
 from rewards import implicit_prm
@@ -44,6 +45,7 @@ class GRPO:
         self.reference = frozen.get("reference")
         self.prime = cfg.prime
         self._head = logprob_head(self.temperature)
+        self._decoder = rows_decoder(cfg.train.shares_prompts)  # the reference reads rows as the learner does
 
     @classmethod
     def frozen_models(cls, cfg: Config) -> dict[str, str]:
@@ -106,7 +108,8 @@ class GRPO:
             if self.reference is not None:
                 with torch.no_grad():  # on the reference's device, kept on the CPU with the rest of the batch
                     ref_device = next(self.reference.parameters()).device
-                    ref_logp = token_logprobs(self.reference, packed.to(ref_device), self.temperature)[0].float().cpu()
+                    ref_logp = token_logprobs(self.reference, packed.to(ref_device), self.temperature,
+                                              decoder=self._decoder)[0].float().cpu()
             parts.append((packed, adv, loss_mask, padded([s.logprobs for s in chunk], width), current, ref_logp))
         parts, global_tokens = pad_across_ranks(parts, sum(float(p[2].sum()) for p in parts), self._empty_part)
         return [GRPOMicroBatch(packed, adv, mask, behaviour, current, ref, self.temperature, len(parts), global_tokens)

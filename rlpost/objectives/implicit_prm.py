@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rlpost.batch import HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, pair_rows, token_logprobs
+from rlpost.batch import (HeadFn, Packed, empty_pack, logprob_head, pack, pad_across_ranks, pair_rows, rows_decoder,
+                          token_logprobs)
 from rlpost.config import Config
 from rlpost.metrics import Mean, Stats
 from rlpost.objectives.dpo import build_pairs
@@ -41,6 +42,7 @@ class ImplicitPRM:
         self.reference_name = cfg.prm.reference or cfg.model.name
         self.pad_id, self.micro_batch_size = pad_id, cfg.train.micro_batch_size
         self._head = logprob_head(1.0)
+        self._decoder = rows_decoder(cfg.train.shares_prompts)  # the reference reads rows as the learner does
 
     @classmethod
     def frozen_models(cls, cfg: Config) -> dict[str, str]:
@@ -66,7 +68,7 @@ class ImplicitPRM:
         for chunk in chunks:
             packed = pack(chunk, self.pad_id)
             with torch.no_grad():
-                ref = token_logprobs(self.reference, packed.to(device), 1.0)[0].double().cpu()
+                ref = token_logprobs(self.reference, packed.to(device), 1.0, decoder=self._decoder)[0].double().cpu()
             parts.append((packed, ref, torch.tensor([float(bool(s.correct)) for s in chunk], dtype=torch.float64)))
         empty = (lambda: (empty_pack(self.pad_id, 2), torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)))
         parts, total = pad_across_ranks(parts, float(units), empty)
