@@ -20,10 +20,11 @@ second copy of the model that receives the weights each step; vllm when installe
 runs in its own process (`--child`); the table gives seconds per step and completion tokens per
 second over the steps after --warmup, mean completion length (so tokens/s compare at matched
 lengths), and peak RSS: the process's plus its largest child's (vLLM's engine process, rlpost's
-reward worker), a sum of peaks, so an upper bound on what the two held at once. Each --variant is one more rlpost arm with its own overrides (e.g.
-`--variant whole=train.share_prompts=false --variant shared=train.share_prompts=true`), and a second
-table splits each rlpost step into its phases from rlpost's own metrics (rollout, the learner's
-forwards / backwards / optimizer step, the weight sync, the rest).
+reward worker), a sum of peaks, so an upper bound on what the two held at once. Each --variant is
+one more rlpost arm with its own overrides (e.g. `--variant whole=train.share_prompts=false
+--variant shared=train.share_prompts=true`), and a second table splits each rlpost step into its
+phases from rlpost's own metrics (rollout, the learner's forwards / backwards / optimizer step, the
+weight sync, the rest).
 """
 from __future__ import annotations
 
