@@ -126,7 +126,8 @@ def _tree_packed(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_ma
                          torch.arange(P, W, device=device).expand(N, -1)[response_cols]])
     prompt_of = torch.cat([torch.arange(len(first), device=device)[:, None].expand(-1, P)[prompt_cols],
                            rows[:, None].expand(-1, W - P)[response_cols]])
-    response_of = torch.cat([torch.full((int(prompt_cols.sum()),), -1, device=device), row_ids])
+    prompt_tokens = int(prompt_cols.sum())  # packed positions [0, prompt_tokens) hold the prompts
+    response_of = torch.cat([torch.full((prompt_tokens,), -1, device=device), row_ids])
     positions = position_ids[src_row, src_col]
     sees = ((prompt_of[:, None] == prompt_of[None, :]) & (positions[None, :] <= positions[:, None])
             & ((response_of[None, :] == -1) | (response_of[None, :] == response_of[:, None])))
@@ -137,9 +138,9 @@ def _tree_packed(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     index = torch.full((N, W), len(src_row), dtype=torch.long, device=device)
     packed_at = torch.arange(len(src_row), device=device)
     prompt_index = torch.full((len(first), P), len(src_row), dtype=torch.long, device=device)
-    prompt_index[prompt_cols] = packed_at[:int(prompt_cols.sum())]
+    prompt_index[prompt_cols] = packed_at[:prompt_tokens]
     index[:, :P] = prompt_index[rows]
-    index[:, P:][response_cols] = packed_at[int(prompt_cols.sum()):]
+    index[:, P:][response_cols] = packed_at[prompt_tokens:]
     return torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])[index]
 
 
