@@ -160,57 +160,68 @@ def sequence_scores(model: torch.nn.Module, batch: Packed, decoder: Decoder = hf
     return model.score(hidden[torch.arange(len(last), device=hidden.device), last]).squeeze(-1)
 
 
-# The head hook: what a loss computes from the output head, one chunk of positions at a time.
-# (logits [N, c, V] in >= fp32, target token ids [N, c], the chunk's response columns) -> named
-# per-position tensors [N, c]. A loss over the whole vocabulary (a KL to a teacher's distribution, say)
-# is a HeadFn that returns its per-position value: only one chunk's [N, c, V] ever exists, and it
-# is recomputed in backward. Side inputs per position (a teacher's hidden states) are sliced by
-# `cols` from the micro-batch the HeadFn closes over.
-HeadFn = Callable[[torch.Tensor, torch.Tensor, slice], dict[str, torch.Tensor]]
+# The head hook: what a loss computes from the output head, one chunk of response positions at a time.
+# (logits [n, V] in >= fp32, target token ids [n], `at` = the chunk's (rows, columns) in the [N, T]
+# response layout) -> named per-position tensors [n]. Only real response tokens are scored (never
+# padding). A loss over the whole vocabulary (a KL to a teacher's distribution, say) is a HeadFn that
+# returns its per-position value: only one chunk's [n, V] ever exists. Side inputs per position (a
+# teacher's hidden states [N, T, d]) are indexed by `at` from the micro-batch the HeadFn closes over.
+HeadFn = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 def logprob_head(temperature: float = 1.0) -> HeadFn:
     """log pi(y_t | s_t) at the sampling temperature ("logp"), and the detached entropy ("entropy")."""
-    def head(logits: torch.Tensor, targets: torch.Tensor, cols: slice) -> dict[str, torch.Tensor]:
+    def head(logits: torch.Tensor, targets: torch.Tensor, at) -> dict[str, torch.Tensor]:
         logp_all = torch.log_softmax(logits / temperature, dim=-1)
         logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return {"logp": logp, "entropy": entropy.detach()}
+        with torch.no_grad():  # nothing of it kept for backward
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return {"logp": logp, "entropy": entropy}
     return head
 
 
 def _head_chunk(lm_head: torch.nn.Module, head: HeadFn, hidden: torch.Tensor, targets: torch.Tensor,
-                cols: slice) -> dict[str, torch.Tensor]:
+                at) -> dict[str, torch.Tensor]:
     logits = lm_head(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    return head(logits, targets, cols)
+    return head(logits, targets, at)
 
 
-def head_outputs(model: torch.nn.Module, batch: Packed, head: HeadFn, chunk_size: int = 256,
+def head_outputs(model: torch.nn.Module, batch: Packed, head: HeadFn, chunk_size: int = 512,
                  decoder: Decoder = hf_decoder) -> dict[str, torch.Tensor]:
-    """Run `head` over the response positions, `chunk_size` at a time, and concatenate its [N, T] outputs.
+    """Run `head` over the real response positions, `chunk_size` at a time, and return its outputs
+    laid out [N, T] (zeros at padding).
 
-    The vocabulary head runs on chunks of positions under activation checkpointing, so a long
-    response never holds its full [T, vocab] logits; only the hidden states are kept for backward.
-    Every backward mode goes through here; `decoder` picks how the hidden states are computed
-    (autograd, HF checkpointing, StreamBP).
+    A micro-batch of more than one chunk runs the vocabulary head under activation checkpointing, so
+    a long response never holds its [T, vocab] logits (only the hidden states are kept for backward,
+    each chunk's logits are recomputed there). A micro-batch of one chunk keeps that chunk's
+    log-probs for backward instead: the recompute would create the same tensor again at backward, so
+    the peak is about the same and one head forward is saved. Every backward mode goes through
+    here; `decoder` picks how the hidden states are computed (autograd, HF checkpointing, StreamBP).
     """
     P, T = batch.prompt_width, batch.response_mask.shape[1]
     hidden = response_hidden(model, batch, decoder)
-    targets = batch.input_ids[:, P:P + T]
+    rows, cols = batch.response_mask.nonzero(as_tuple=True)
+    if len(rows) == 0:  # an empty micro-batch (pad_across_ranks) still runs the head: a collective under ZeRO-3
+        rows, cols = rows.new_zeros(1), cols.new_zeros(1)
+    h, y = hidden[rows, cols], batch.input_ids[:, P:P + T][rows, cols]
     lm_head = model.get_output_embeddings()
+    recompute = torch.is_grad_enabled() and len(rows) > chunk_size
     chunks = []
-    for start in range(0, T, chunk_size):
-        h, y = hidden[:, start:start + chunk_size], targets[:, start:start + chunk_size]
-        cols = slice(start, start + h.shape[1])
-        if torch.is_grad_enabled():
-            chunks.append(checkpoint(_head_chunk, lm_head, head, h, y, cols, use_reentrant=False))
-        else:
-            chunks.append(_head_chunk(lm_head, head, h, y, cols))
-    return {key: torch.cat([c[key] for c in chunks], 1) for key in chunks[0]}
+    for start in range(0, len(rows), chunk_size):
+        part = slice(start, start + chunk_size)
+        args = (lm_head, head, h[part], y[part], (rows[part], cols[part]))
+        chunks.append(checkpoint(_head_chunk, *args, use_reentrant=False) if recompute else _head_chunk(*args))
+    real = batch.response_mask[rows, cols].bool()  # all true, but the empty micro-batch's stand-in
+    out = {}
+    for key in chunks[0]:
+        flat = torch.cat([c[key] for c in chunks])
+        flat = torch.where(real, flat, torch.zeros_like(flat))
+        out[key] = flat.new_zeros(len(batch.response_mask), T).index_put((rows, cols), flat)
+    return out
 
 
-def token_logprobs(model: torch.nn.Module, batch: Packed, temperature: float = 1.0, chunk_size: int = 256,
+def token_logprobs(model: torch.nn.Module, batch: Packed, temperature: float = 1.0, chunk_size: int = 512,
                    decoder: Decoder = hf_decoder) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log pi(y_t | s_t) of the responses, [N, T] (logits divided by the sampling
     temperature, as at generation time), and the per-token entropy (detached)."""

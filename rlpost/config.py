@@ -301,7 +301,9 @@ class TrainConfig(Section):
     # rounding: docs/training.md#shared-prompts)
     share_prompts: bool = True
     streambp_chunk_size: int = Field(512, ge=1)  # StreamBP rows per layer chunk
-    logits_chunk_size: int = Field(256, ge=1)    # positions per vocabulary-head chunk (every mode)
+    # real response positions per vocabulary-head chunk (every mode); a micro-batch of more than one
+    # chunk recomputes each chunk's logits in backward, one chunk keeps its log-probs
+    logits_chunk_size: int = Field(512, ge=1)
     deepspeed_config: str | None = None      # default: configs/deepspeed/zero{zero_stage}.json
 
     @property

@@ -34,6 +34,9 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+LOGITS_CHUNK = 256  # vocabulary-head positions per chunk: the tables in docs/streambp.md were measured so
+
+
 def worker(method: str, length: int, chunk_size: int, model_name: str) -> dict:
     import torch
 
@@ -59,7 +62,7 @@ def worker(method: str, length: int, chunk_size: int, model_name: str) -> dict:
         batch = pack([sample], pad_id=0).to(model.device)
         model.zero_grad(set_to_none=False)  # the gradient buffers exist from the warm-up: not counted
         start = time.perf_counter()
-        logp, _ = token_logprobs(model, batch, 1.0, decoder=decoder)
+        logp, _ = token_logprobs(model, batch, 1.0, chunk_size=LOGITS_CHUNK, decoder=decoder)
         loss = -(logp.float() * batch.response_mask).sum() / batch.response_mask.sum()
         if cuda:
             torch.cuda.synchronize()

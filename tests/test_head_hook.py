@@ -22,11 +22,11 @@ def _batch():
 
 
 def _reverse_kl_head(teacher_logp: torch.Tensor, widths: list[int]):
-    """KL(pi_student || pi_teacher) at each position, the teacher's log-probs sliced by the chunk's columns."""
-    def head(logits, targets, cols):
-        widths.append(logits.shape[1])
+    """KL(pi_student || pi_teacher) at each position, the teacher's log-probs indexed by the chunk's positions."""
+    def head(logits, targets, at):
+        widths.append(logits.shape[0])
         logp = torch.log_softmax(logits, -1)
-        return {"kl": (logp.exp() * (logp - teacher_logp[:, cols])).sum(-1)}
+        return {"kl": (logp.exp() * (logp - teacher_logp[at])).sum(-1)}
     return head
 
 
@@ -52,12 +52,17 @@ def test_vocabulary_wide_loss_is_exact_in_chunks_under_autograd_and_streambp(tru
         return float(loss), [p.grad.clone() for p in model.parameters()]
 
     expected = loss_and_grads(_full_logits_loss(model, batch, teacher_logp))
+    real = int(batch.response_mask.sum())  # 7 + 4 + 9 = 20 response tokens
     for decoder in (hf_decoder, functools.partial(streamed_decoder, chunk_size=4)):
-        for chunk in (4, T):  # 4 does not divide T = 9
+        for chunk in (4, T, 64):  # 4 and 9 do not divide 20; 64 holds the whole micro-batch
             widths: list[int] = []
             out = head_outputs(model, batch, _reverse_kl_head(teacher_logp, widths), chunk_size=chunk, decoder=decoder)
+            assert float(out["kl"][batch.response_mask == 0].abs().sum()) == 0.0  # padding is never scored
             got = loss_and_grads((out["kl"] * batch.response_mask).sum())
-            assert max(widths) <= chunk  # no [T, vocab] tensor: the head saw one chunk of positions at a time
+            # the head saw the real tokens only, one chunk at a time (no [T, vocab] tensor); with more
+            # than one chunk each is recomputed in backward, a single chunk is kept instead
+            parts = [min(chunk, real - start) for start in range(0, real, chunk)]
+            assert sorted(widths) == sorted(parts * (2 if len(parts) > 1 else 1))
             assert abs(got[0] - expected[0]) <= 1e-10 * abs(expected[0])
             for g, e in zip(got[1], expected[1]):
                 assert float((g - e).norm()) <= 1e-10 * float(e.norm()) + 1e-14

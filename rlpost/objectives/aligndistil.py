@@ -88,9 +88,9 @@ class AlignDistil:
     def head(self, mb: DistilBatch) -> HeadFn:
         c, teachers = self.cfg, self.teachers
 
-        def distil(logits: torch.Tensor, targets: torch.Tensor, cols: slice) -> dict[str, torch.Tensor]:
+        def distil(logits: torch.Tensor, targets: torch.Tensor, at) -> dict[str, torch.Tensor]:
             with torch.no_grad():
-                z = {name: teachers[name].get_output_embeddings()(h[:, cols]).to(logits.dtype)
+                z = {name: teachers[name].get_output_embeddings()(h[at]).to(logits.dtype)
                      for name, h in mb.teacher_hidden.items()}
             names = list(z)
             trimmed = dict(zip(["student", *names], ad.trim_vocab(logits, *(z[n] for n in names))))
