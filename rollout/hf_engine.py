@@ -1,4 +1,11 @@
-"""Rollout with transformers `generate` (KV cache, batched, left-padded). Reference engine and fallback.
+"""Rollout with a transformers model (KV cache, batched, left-padded). Reference engine and fallback.
+
+It samples as transformers' `generate` does (tests/test_hf_engine_decode.py holds it to `generate`
+token for token) but with its own decode loop, for two reasons: a row that stops leaves the batch
+(`generate` keeps decoding finished rows until the last one stops), and the sampling distribution is
+exactly softmax(logits / T) under top-p, the one the behaviour log-probs describe. `generate` given
+top_k=None fills in its default top-k of 50, which this engine once sampled under unawares while
+logging untruncated log-probs.
 
 It also serves a stream of requests for APRIL (`add_request` / `step` / `abort`): each `step`
 generates the next `tokens_per_step` tokens of every running request in one batched call (the
@@ -11,26 +18,9 @@ import time
 from typing import Iterable
 
 import torch
-from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from rollout.types import FinishReason, Sample, SamplingParams, distinct_rows
-
-
-class _FinishClock(StoppingCriteria):
-    """Notes when each row of a batched `generate` emits a stop token (stops nothing itself), so
-    every sample gets its own finish time although the batch returns at once."""
-
-    def __init__(self, batch_size: int, stop_ids: list[int]):
-        self.stop_ids = torch.tensor(stop_ids)
-        self.finished_at: list[float | None] = [None] * batch_size
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        stopped = torch.isin(input_ids[:, -1].cpu(), self.stop_ids)
-        now = time.time()
-        for row in stopped.nonzero().flatten().tolist():
-            if self.finished_at[row] is None:
-                self.finished_at[row] = now
-        return torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
 
 
 class HFEngine:
@@ -63,50 +53,81 @@ class HFEngine:
         return samples
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
-        device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, prompt in enumerate(prompts):
             input_ids[row, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt):] = 1
-        greedy = params.temperature <= 0
-        # A fresh config, so that sampling defaults shipped with the checkpoint (top_k, repetition
-        # penalty...) never change the distribution behind our behaviour log-probs.
-        config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens, do_sample=not greedy,
-            temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
-            top_k=None, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-            output_logits=True, return_dict_in_generate=True)
-        clock = _FinishClock(len(prompts), self.stop_ids)
-        cache = self._shared_prefill(input_ids, attention_mask, device) if self.share_prompts else None
-        out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                  past_key_values=cache, generation_config=config,
-                                  stopping_criteria=StoppingCriteriaList([clock]))
-        done = time.time()
-        new_tokens = out.sequences[:, width:].cpu()
-        # Behaviour log-prob = log softmax(logits / T) of the sampled token, before top-p: the same
-        # quantity the learner computes, so ratios compare like with like. One step at a time keeps
-        # memory at [batch, vocab] instead of [batch, steps, vocab].
-        scale = 1.0 if greedy else params.temperature
-        token_logps = torch.stack([
-            torch.log_softmax(step_logits.float() / scale, dim=-1).gather(-1, new_tokens[:, t:t + 1].to(step_logits.device)).squeeze(-1).cpu()
-            for t, step_logits in enumerate(out.logits)], dim=1)
+        tokens, logps, lengths, stopped, finished_at = self._decode(input_ids, attention_mask, params)
         samples = []
         for row, prompt in enumerate(prompts):
-            ids = new_tokens[row].tolist()
-            stop_at = next((t for t, tok in enumerate(ids) if tok in self.stop_ids), None)
-            if stop_at is None:
-                finish, length = FinishReason.LENGTH, len(ids)
-            else:
-                finish, length = FinishReason.STOP, stop_at + 1  # the stop token is part of the response
-            response = ids[:length]
+            response = tokens[row, :lengths[row]].tolist()  # the stop token is part of the response
             samples.append(Sample(
-                prompt_ids=list(prompt), response_ids=response, logprobs=token_logps[row, :length].tolist(),
-                finish_reason=finish, versions=[self.version] * length,
-                text=self.tokenizer.decode(response, skip_special_tokens=True),
-                finished_at=clock.finished_at[row] or done))
+                prompt_ids=list(prompt), response_ids=response, logprobs=logps[row, :lengths[row]].tolist(),
+                finish_reason=FinishReason.STOP if stopped[row] else FinishReason.LENGTH,
+                versions=[self.version] * len(response),
+                text=self.tokenizer.decode(response, skip_special_tokens=True), finished_at=finished_at[row]))
         return samples
+
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams):
+        """Sample up to max_new_tokens per row from the left-padded prompts, as transformers' `generate`
+        samples (its own temperature and top-p warpers; multinomial as torch draws it for one sample, the
+        argmax of probs / Exponential(1) noise over the whole batch), with two differences: a row that
+        stops leaves the batch (its cache too), so finished rows cost nothing, and with share_prompts each
+        distinct prompt is prefilled once. The noise is drawn for every row of the batch at every step, so
+        a row's tokens do not depend on when the others stopped.
+
+        Behaviour log-prob = log softmax(logits / T) of the sampled token, before top-p: the quantity
+        the learner computes, so ratios compare like with like. Returns per row (tokens [B, t],
+        log-probs [B, t], length, stopped with a stop token, finish time)."""
+        device = next(self.model.parameters()).device
+        B, steps = len(input_ids), params.max_new_tokens
+        greedy = params.temperature <= 0
+        scale = 1.0 if greedy else params.temperature
+        warpers = LogitsProcessorList()
+        if not greedy and params.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(params.temperature))
+        if not greedy and params.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(params.top_p))
+        tokens = torch.full((B, steps), self.pad_id, dtype=torch.long)
+        logps = torch.zeros(B, steps)
+        lengths, stopped, finished_at = [steps] * B, [False] * B, [0.0] * B
+        stop_ids = torch.tensor(self.stop_ids, device=device)
+        mask = attention_mask.to(device)
+        cache = self._shared_prefill(input_ids, attention_mask, device) if self.share_prompts else None
+        step_ids = input_ids[:, -1:].to(device) if cache is not None else input_ids.to(device)
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
+        active = torch.arange(B)  # rows of the batch still decoding, in order
+        for t in range(steps):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            if greedy:
+                chosen = logits.argmax(-1)
+            else:
+                probs = torch.softmax(warpers(None, logits), dim=-1)
+                noise = torch.empty(B, probs.shape[-1], device=device).exponential_()[active.to(device)]
+                chosen = (probs / noise).argmax(-1)
+            logp = torch.log_softmax(logits / scale, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+            tokens[active, t], logps[active, t] = chosen.cpu(), logp.cpu()
+            done = torch.isin(chosen, stop_ids).cpu()
+            now = time.time()
+            for row in active[done].tolist():
+                lengths[row], stopped[row], finished_at[row] = t + 1, True, now
+            if t == steps - 1 or bool(done.all()):
+                break
+            if bool(done.any()):  # finished rows leave the batch
+                keep = (~done).nonzero().flatten()
+                active, mask, chosen = active[keep], mask[keep.to(device)], chosen[keep.to(device)]
+                cache.batch_select_indices(keep.to(device))
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+            step_ids = chosen[:, None]
+        now = time.time()
+        for row in active.tolist():
+            if not stopped[row]:
+                finished_at[row] = now
+        return tokens, logps, lengths, stopped, finished_at
 
     def _shared_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, device) -> DynamicCache | None:
         """rollout.share_prompts, when rows repeat a prompt (a group's samples): the KV cache of each
