@@ -80,7 +80,10 @@ def make_rollout_engine(cfg: Config, tokenizer, learner, data: RunData):
     if r.scheduler == "dataset":
         return NoEngine()
     trains_the_sampler = getattr(objective_class(cfg), "trains_the_sampler", True)
-    if r.shared_model:
+    shared = r.shared_model
+    if shared is None:  # wherever it works: the same run bit for bit (tests/test_shared_engine.py), one copy less
+        shared = r.engine == "hf" and r.placement == "colocated" and trains_the_sampler and learner.zero_stage != 3
+    if shared:
         if not trains_the_sampler:
             raise ConfigError(f"rollout.shared_model=true: algorithm={cfg.algorithm} samples from a fixed policy, "
                               f"not the model it trains; use rollout.shared_model=false")

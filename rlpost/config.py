@@ -138,8 +138,10 @@ class RolloutConfig(Section):
     restart_workers: bool = False            # a dead or hung worker: start it again (true) or stop the run
     seed_requests: bool = False              # colocated sync: seed each step's generation (workers always do)
     # hf engine, colocated: generate from the learner's own module, so there is no second copy of the
-    # weights and nothing to sync after a step (not under ZeRO-3, where the learner holds shards)
-    shared_model: bool = False
+    # weights and nothing to sync after a step (not under ZeRO-3, where the learner holds shards).
+    # null: wherever that works (engine hf, placement colocated, not ZeRO-3, an objective that samples
+    # from the model it trains), a copy elsewhere; true: required (an error where it cannot work)
+    shared_model: bool | None = None
 
 
 class CurriculumConfig(Section):
@@ -374,7 +376,7 @@ class Config(Section):
         if self.algorithm == "reward_model" and self.rollout.scheduler != "dataset":
             raise ValueError("algorithm=reward_model trains on preference pairs from a file: set rollout.scheduler=dataset "
                              "and data.source")
-        if self.rollout.shared_model and (self.rollout.engine != "hf" or self.rollout.placement != "colocated"):
+        if self.rollout.shared_model is True and (self.rollout.engine != "hf" or self.rollout.placement != "colocated"):
             raise ValueError("rollout.shared_model=true generates with the hf engine from the learner's own module: "
                              f"set rollout.engine=hf (got {self.rollout.engine}) and rollout.placement=colocated "
                              f"(got {self.rollout.placement})")

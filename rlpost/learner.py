@@ -165,8 +165,10 @@ class Learner:
         if lora is not None:  # only the adapters (and a reward model's new score head) are trainable
             model = lora_lib.wrap(model, lora, head)
             params = [p for p in model.parameters() if p.requires_grad]
+        # torch's fused AdamW: one kernel over all tensors (on this CPU about 6x faster than the
+        # per-tensor loop torch picks for CPU tensors; the same update, rounded otherwise)
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay,
-                                      betas=(0.9, 0.99), eps=train.adam_eps)
+                                      betas=(0.9, 0.99), eps=train.adam_eps, fused=device().type in ("cpu", "cuda"))
         warmup = train.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

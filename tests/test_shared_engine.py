@@ -1,6 +1,7 @@
 """rollout.shared_model: the hf engine generates from the learner's own module (rollout/hf_engine.py
 SharedHFEngine). The weights it generates with after a step are the learner's by construction, so a
-run must be the default run (a second copy that receives the weights) bit for bit."""
+run must be the copy run (a second copy that receives the weights) bit for bit; and the default (null)
+takes it exactly where it works."""
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -27,7 +28,7 @@ def _run(tmp_path, name, model, *extra):
 
 @pytest.mark.parametrize("lora", [[], ["model.lora.r=4", "train.lr=1e-2"]], ids=["full", "lora"])
 def test_generating_from_the_learners_module_is_the_copy_run_bit_for_bit(tmp_path, digit_model, lora):
-    copy_summary, copy_weights, copy_rows = _run(tmp_path, "copy", digit_model, *lora)
+    copy_summary, copy_weights, copy_rows = _run(tmp_path, "copy", digit_model, "rollout.shared_model=false", *lora)
     shared_summary, shared_weights, shared_rows = _run(tmp_path, "shared", digit_model, "rollout.shared_model=true", *lora)
     assert copy_weights.keys() == shared_weights.keys()
     assert all(torch.equal(copy_weights[k], shared_weights[k]) for k in copy_weights)
@@ -58,3 +59,27 @@ def test_shared_model_settings_that_cannot_work_are_one_clear_line(digit_model):
         learner.model.train(mode)
         assert len(engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3, temperature=0.0))) == 1
         assert learner.model.training == mode
+
+
+def test_the_default_shares_the_module_exactly_where_it_works(digit_model):
+    """rollout.shared_model null: the learner's module on the hf engine, colocated, for an objective that
+    trains its sampler; a copy for a fixed-policy objective (the implicit PRM) and under ZeRO-3; and
+    the settings where sharing cannot work load without a word (vllm, workers)."""
+    from rlpost.build import load_data, make_rollout_engine
+    from rlpost.learner import Learner
+    from rollout.hf_engine import HFEngine, SharedHFEngine
+    from rollout.models import load_tokenizer
+    tokenizer = load_tokenizer(digit_model)
+    for bad in (["rollout.engine=vllm"], ["rollout.placement=workers"]):
+        assert load_config(REPO / "configs" / "grpo_math.yaml", bad).rollout.shared_model is None
+    cfg = load_config(REPO / "configs" / "grpo_math.yaml", [f"model.name={digit_model}"])
+    learner = Learner(digit_model, cfg.train)
+    engine = make_rollout_engine(cfg, tokenizer, learner, None)
+    assert isinstance(engine, SharedHFEngine) and engine.model is learner.model
+    cfg = load_config(REPO / "configs" / "prm_math.yaml", [f"model.name={digit_model}"])
+    engine = make_rollout_engine(cfg, tokenizer, learner, load_data(cfg, tokenizer))
+    assert not isinstance(engine.engine, SharedHFEngine) and engine.engine.model is not learner.model
+    learner.zero_stage = 3  # what make_rollout_engine reads of a ZeRO-3 learner
+    cfg = load_config(REPO / "configs" / "grpo_math.yaml", [f"model.name={digit_model}"])
+    engine = make_rollout_engine(cfg, tokenizer, learner, load_data(cfg, tokenizer))
+    assert type(engine) is HFEngine and engine.model is not learner.model
