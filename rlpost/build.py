@@ -14,7 +14,7 @@ from rlpost.curriculum import CuresSampler, ShardSampler, UniformSampler
 from rlpost.data import PromptSet, ResponseSet, load_prompt_sets, load_response_groups
 from rlpost.evaluate import PairwiseEval, run_eval
 from rlpost.objectives import objective_class
-from rollout.engine import make_engine
+from rollout.engine import make_engine, resolve_engine
 from rollout.models import load_model
 from rollout.source import AprilSource, AsyncSource, DatasetSource, RoundSource, SyncSource
 from rollout.types import SamplingParams, UserError, world
@@ -79,10 +79,11 @@ def make_rollout_engine(cfg: Config, tokenizer, learner, data: RunData):
     device = learner.engine.device
     if r.scheduler == "dataset":
         return NoEngine()
+    kind = resolve_engine(r.engine)
     trains_the_sampler = getattr(objective_class(cfg), "trains_the_sampler", True)
     shared = r.shared_model
     if shared is None:  # wherever it works: the same run bit for bit (tests/test_shared_engine.py), one copy less
-        shared = r.engine == "hf" and r.placement == "colocated" and trains_the_sampler and learner.zero_stage != 3
+        shared = kind == "hf" and r.placement == "colocated" and trains_the_sampler and learner.zero_stage != 3
     if shared:
         if not trains_the_sampler:
             raise ConfigError(f"rollout.shared_model=true: algorithm={cfg.algorithm} samples from a fixed policy, "
@@ -103,12 +104,12 @@ def make_rollout_engine(cfg: Config, tokenizer, learner, data: RunData):
         if device.type == "cpu":  # the learner and the workers split the cores instead of fighting over them
             torch.set_num_threads(r.learner_threads or max(1, cores - r.workers * threads))
         try:
-            engine = WorkerPool(worker_specs(r.engine, cfg.model.name, r.worker_devices, r.workers, threads, options,
+            engine = WorkerPool(worker_specs(kind, cfg.model.name, r.worker_devices, r.workers, threads, options,
                                              cfg.run.seed), timeout_s=r.worker_timeout_s, restart=r.restart_workers)
         except UserError as e:
             raise ConfigError(str(e)) from None
     else:
-        engine = make_engine(r.engine, cfg.model.name, tokenizer, device, seed=cfg.run.seed, **options)
+        engine = make_engine(kind, cfg.model.name, tokenizer, device, seed=cfg.run.seed, **options)
     return engine if trains_the_sampler else FixedPolicy(engine)
 
 

@@ -6,6 +6,7 @@ groups while others still run (both engines here do).
 """
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Protocol, runtime_checkable
 
 import torch
@@ -38,6 +39,19 @@ class StreamingEngine(RolloutEngine, Protocol):
         """Stop a running request and return what it generated so far (FinishReason.ABORT)."""
 
 
+def resolve_engine(kind: str) -> str:
+    """`auto` -> `vllm` where vllm imports, else `hf`, said in one line on stderr; other kinds as given."""
+    from rollout import vllm_engine
+
+    if kind != "auto":
+        return kind
+    if vllm_engine.available():
+        return "vllm"
+    print("rlpost: rollout.engine=auto: vllm is not installed here, so the rollouts use the hf engine",
+          file=sys.stderr)
+    return "hf"
+
+
 def make_engine(kind: str, model_spec: str, tokenizer, device: torch.device | str = "cpu", *,
                 max_batch_size: int = 64, tokens_per_step: int = 8, max_model_len: int = 2048,
                 gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float | None = 2, seed: int = 0,
@@ -48,8 +62,7 @@ def make_engine(kind: str, model_spec: str, tokenizer, device: torch.device | st
     from rollout.models import load_model, merged_dir
     from rollout import vllm_engine
 
-    if kind == "auto":
-        kind = "vllm" if vllm_engine.available() else "hf"
+    kind = resolve_engine(kind)
     if kind == "vllm":
         if not vllm_engine.available():
             raise UserError("rollout.engine=vllm: vllm does not import here; install it with "

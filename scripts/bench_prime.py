@@ -13,7 +13,8 @@ outcome reward leaves at zero advantage):
   prime   prime.coef=1, its PRM trained online with lr --prm-lr (the recipe's 1e-6 barely moves it),
           initialised from --prm-init (e.g. a PRM from scripts/bench_prm.py) or the base model
 Each (arm, seed) is one `rlpost train` in its own process, one after the other, skipped when it
-finished; held-out greedy accuracy every --every steps. The table (OUT/table.md: mean and spread
+finished (in --out, or in docs/results/bench_prime/, where each finished run's metrics.jsonl is
+copied under a name made of its settings, so a study goes on in a fresh checkout); held-out greedy accuracy every --every steps. The table (OUT/table.md: mean and spread
 over seeds per evaluation point, rollouts so far, and PRIME's dense-reward scale
 prime/token_reward_abs) and the plot (OUT/prime.png). Goal: PRIME >= GRPO + 3 points at equal
 rollouts, or GRPO's final accuracy in <= 0.7x the rollouts.
@@ -21,13 +22,16 @@ rollouts, or GRPO's final accuracy in <= 0.7x the rollouts.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+KEPT = REPO / "docs" / "results" / "bench_prime"  # finished runs' metrics, committed
 sys.path.insert(0, str(REPO))
 
 TASK = ["data.arithmetic.num_operations=3", "data.arithmetic.train_size=2000", "data.arithmetic.test_size=200",
@@ -35,17 +39,30 @@ TASK = ["data.arithmetic.num_operations=3", "data.arithmetic.train_size=2000", "
         "eval.at_start=true"]
 
 
-def run(name: str, out: Path, overrides: list[str], steps: int) -> Path:
+def finished(run_dir: Path, steps: int) -> bool:
     from rlpost.metrics import read_metrics
+    return (run_dir / "metrics.jsonl").is_file() and any(r.get("step") == steps and "eval/accuracy" in r
+                                                         for r in read_metrics(run_dir))
+
+
+def run(name: str, out: Path, overrides: list[str], steps: int) -> Path:
+    """One (arm, seed) run, skipped when it finished earlier: in `out`, or kept in KEPT (runs/ does not
+    outlive a checkout, so every finished run's metrics.jsonl is copied there, named by its settings)."""
     run_dir = out / name
-    if (run_dir / "metrics.jsonl").is_file() and any(r.get("step") == steps and "eval/accuracy" in r
-                                                     for r in read_metrics(run_dir)):
-        return run_dir  # finished earlier
+    settings = [o for o in overrides if not o.startswith("run.output_dir=")]
+    kept = KEPT / f"{name}-{hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]}.jsonl"
+    if not finished(run_dir, steps) and kept.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept, run_dir / "metrics.jsonl")
+    if finished(run_dir, steps):
+        return run_dir
     resume = ["--resume", str(run_dir)] if (run_dir / "checkpoints" / "latest").is_symlink() else []
     cmd = [sys.executable, "-c", "import sys; from rlpost.cli import main; sys.exit(main())", "train",
            "configs/prime_math.yaml", "--no-progress", *resume, *[x for o in overrides for x in ("--set", o)]]
     print("$", " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
+    KEPT.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "metrics.jsonl", kept)
     return run_dir
 
 

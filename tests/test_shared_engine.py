@@ -83,3 +83,26 @@ def test_the_default_shares_the_module_exactly_where_it_works(digit_model):
     cfg = load_config(REPO / "configs" / "grpo_math.yaml", [f"model.name={digit_model}"])
     engine = make_rollout_engine(cfg, tokenizer, learner, load_data(cfg, tokenizer))
     assert type(engine) is HFEngine and engine.model is not learner.model
+
+
+def test_engine_auto_falls_back_to_hf_in_one_line_where_vllm_is_missing(digit_model, monkeypatch, capsys):
+    """rollout.engine=auto: vLLM where it imports; elsewhere the hf engine (and so, by the default
+    above, the learner's own module), said in one line on stderr, once per engine built."""
+    from rlpost.build import make_rollout_engine
+    from rlpost.learner import Learner
+    from rollout import vllm_engine
+    from rollout.engine import resolve_engine
+    from rollout.hf_engine import SharedHFEngine
+    from rollout.models import load_tokenizer
+    for kind in ("hf", "vllm"):  # what was asked for is taken as asked, without a word
+        assert resolve_engine(kind) == kind
+    monkeypatch.setattr(vllm_engine, "available", lambda: True)
+    assert resolve_engine("auto") == "vllm"
+    monkeypatch.setattr(vllm_engine, "available", lambda: False)
+    assert capsys.readouterr().err == ""
+    cfg = load_config(REPO / "configs" / "grpo_math.yaml", [f"model.name={digit_model}", "rollout.engine=auto"])
+    learner = Learner(digit_model, cfg.train)
+    engine = make_rollout_engine(cfg, load_tokenizer(digit_model), learner, None)
+    assert isinstance(engine, SharedHFEngine) and engine.model is learner.model
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlpost:")]  # not transformers'
+    assert len(said) == 1 and "rollout.engine=auto" in said[0] and "hf engine" in said[0]
