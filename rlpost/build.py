@@ -156,7 +156,7 @@ def make_source(cfg: Config, engine, data: RunData, tokenizer, reward, keep, lea
                 workers = r.placement == "workers"  # then async when max_staleness > 0 (rollout/april.py)
                 source = AprilSource(*common, tokenizer, submit_groups=r.april_submit_groups, keep=keep,
                                      grad_norms=grad_norms, max_staleness=r.max_staleness if workers else None,
-                                     keep_running=workers and r.max_staleness > 0)
+                                     keep_running=workers and r.max_staleness > 0, max_waves=r.april_max_waves)
             elif r.placement == "workers":
                 source = AsyncSource(*common, max_staleness=r.max_staleness, seed=cfg.run.seed, grad_norms=grad_norms)
             else:

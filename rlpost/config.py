@@ -112,6 +112,11 @@ class RolloutConfig(Section):
     # calls in training; rows with prompt + chosen/rejected, completion or completions).
     scheduler: Literal["sync", "april", "dataset"] = "sync"
     april_submit_groups: int | None = Field(None, ge=1)  # N' under april; None: 2 * prompts_per_step
+    # under april with a filter (dynamic sampling, grpo.accuracy_range): at most this many waves of N'
+    # a step, then the step trains on the groups kept so far, fewer than prompts_per_step (counted as
+    # april/waves_capped). None: no bound, as the reference (a policy that gets every prompt right
+    # then makes a step never end).
+    april_max_waves: int | None = Field(10, ge=1)
     tokens_per_step: int = Field(8, ge=1)    # hf engine under APRIL: tokens per streaming step
     # hf engine: rows that repeat a prompt (a group) prefill it once and share its KV cache (the same
     # arithmetic, other rounding: docs/training.md#shared-prompts); vLLM runs without prefix caching

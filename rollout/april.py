@@ -4,7 +4,10 @@ abort the rest and keep their partial work for the next step.
     submit : while (groups in flight or accepted) < B, submit a wave of N' groups, buffered groups
              first (FIFO), fresh prompts for the rest
     accept : groups in completion order (a group is done when every member stopped or hit L_max);
-             an optional filter (dynamic sampling) drops a done group, which lets another wave in
+             an optional filter (dynamic sampling) drops a done group, which lets another wave in;
+             at most `max_waves` waves a step (None: no bound, as the reference), after which the
+             step ends with the groups kept so far, fewer than B (a policy that gets every prompt
+             right would otherwise make the step never end)
     stop   : at B accepted groups, abort every request in flight; every unfinished group goes back
              to the buffer whole: finished members keep their response, partial members their prefix
     resume : from token ids, prompt + prefix, with max_new_tokens = L_max - tokens already generated
@@ -58,7 +61,7 @@ class AprilScheduler:
     def __init__(self, engine: StreamingEngine, target_groups: int, submit_groups: int | None = None, *,
                  max_new_tokens: int, params: SamplingParams,
                  accept: Callable[[Group], bool] | None = None, max_staleness: int | None = None,
-                 keep_running: bool = False):
+                 keep_running: bool = False, max_waves: int | None = None):
         self.engine = engine
         self.target_groups = target_groups                      # B
         self.submit_groups = submit_groups or 2 * target_groups  # N', the wave size
@@ -66,7 +69,7 @@ class AprilScheduler:
             raise ValueError(f"APRIL needs N' >= B, got N'={self.submit_groups} < B={target_groups}")
         self.max_new_tokens = max_new_tokens                    # L_max, for a response in total
         self.params = params
-        self.accept = accept
+        self.accept, self.max_waves = accept, max_waves
         self.buffer: deque[Group] = deque()
         self.max_staleness, self.keep_running = max_staleness, keep_running
         self.active: list[Group] = []  # keep_running: submitted, not accepted yet (requests may be running)
@@ -82,10 +85,15 @@ class AprilScheduler:
         submitted, self.active = self.active, []  # keep_running: the groups still going from the last step
         in_flight = self.in_flight
         counted = len(submitted)  # groups in flight or accepted, as §2.3 counts them
-        stats = {"groups_submitted": 0.0, "tokens_generated": 0.0, "stale_regenerated": 0.0}
+        stats = {"groups_submitted": 0.0, "tokens_generated": 0.0, "stale_regenerated": 0.0, "waves_capped": 0.0}
         done_queue: list[Group] = [g for g in submitted if is_done(g)]
+        waves = 0
         while len(accepted) < self.target_groups:
             while counted < self.target_groups:
+                if self.max_waves is not None and waves == self.max_waves:  # the filter kept too few
+                    stats["waves_capped"] = 1.0
+                    break
+                waves += 1
                 wave = [self.buffer.popleft() for _ in range(min(self.submit_groups, len(self.buffer)))]
                 for group in wave:  # buffered work already too old to train on: start it afresh now
                     if self._too_stale(group, version):
@@ -102,8 +110,10 @@ class AprilScheduler:
                 counted += len(wave)
                 stats["groups_submitted"] += len(wave)
             if not done_queue:
-                if not in_flight:  # cannot happen with a correct engine; never spin forever
-                    raise RuntimeError("APRIL: no finished group and no request in flight")
+                if not in_flight:
+                    if stats["waves_capped"]:  # every wave allowed has come back: train on what was kept
+                        break
+                    raise RuntimeError("APRIL: no finished group and no request in flight")  # a broken engine
                 for request_id, out in self.engine.step():
                     group, member = in_flight.pop(request_id)
                     stats["tokens_generated"] += self._merge(group.samples[member], out, version)

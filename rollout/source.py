@@ -285,13 +285,13 @@ class AprilSource(_SampledSource):
     (`engine` is the WorkerPool) the scheduler bounds staleness by `max_staleness` and, with
     `keep_running`, leaves the requests in flight running while the learner trains (rollout/april.py)."""
     summed = tuple(f"april/{k}" for k in ("groups_submitted", "tokens_generated", "groups_finished", "groups_rejected",
-                                          "groups_recycled", "buffer_size", "stale_regenerated"))
+                                          "groups_recycled", "buffer_size", "stale_regenerated", "waves_capped"))
     maxed = ("april/rollout_s", "april/staleness_max")
 
     def __init__(self, engine: RolloutEngine, sampler: PromptSampler, prompts: Prompts, params: SamplingParams,
                  groups_per_step: int, reward: Reward, tokenizer, *, submit_groups: int | None = None,
                  keep: Keep | None = None, grad_norms: GradNorms | None = None, max_staleness: int | None = None,
-                 keep_running: bool = False):
+                 keep_running: bool = False, max_waves: int | None = None):
         super().__init__(engine, sampler, prompts, params, groups_per_step, reward, grad_norms)
         if not isinstance(engine, StreamingEngine):
             raise UserError(f"rollout.scheduler=april needs a streaming engine; {type(engine).__name__} is not one")
@@ -303,7 +303,7 @@ class AprilSource(_SampledSource):
         waves = max(target, -(-(submit_groups or 2 * groups_per_step) // world()[1]))
         self.scheduler = AprilScheduler(engine, target, waves, max_new_tokens=params.max_new_tokens,
                                         params=params, accept=self._accept, max_staleness=max_staleness,
-                                        keep_running=keep_running)
+                                        keep_running=keep_running, max_waves=max_waves)
 
     def _accept(self, group: Group) -> bool:
         for sample in group.samples:

@@ -1,4 +1,5 @@
 """APRIL on a deterministic fake engine: the toy schedule of ALGORITHMS.md §2.10, step by step."""
+import pytest
 import torch
 
 from rlpost.algorithms import grpo
@@ -313,3 +314,17 @@ def test_buffered_work_too_old_for_max_staleness_starts_afresh_when_submitted():
     assert stats["stale_regenerated"] == 2
     assert sorted(engine.max_new_tokens_seen) == [(p, m, 10) for p in (2, 4, 5, 6) for m in (0, 1)]
     assert all(v == 2 for g in accepted for s in g.samples for v in s.versions)
+
+
+def test_max_waves_ends_the_step_with_the_groups_kept_so_far():
+    """A filter that keeps only prompt 2: with max_waves 2 of N' = 2 the step sees prompts 1-4, keeps
+    [2] (fewer than B = 2), lets the last wave's requests finish rather than aborting them, and ends;
+    without the bound it goes on submitting until it runs out of prompts."""
+    def scheduler(max_waves):
+        return AprilScheduler(ToyEngine({p: [1, 2] for p in range(1, 40)}), 2, 2, max_new_tokens=10,
+                              params=SamplingParams(), accept=lambda g: g.prompt_id == 2, max_waves=max_waves)
+    accepted, stats = scheduler(2).rollout(fresh_from(range(1, 40)), version=1)
+    assert [g.prompt_id for g in accepted] == [2]
+    assert stats["waves_capped"] == 1 and stats["groups_submitted"] == 4 and stats["groups_rejected"] == 3
+    with pytest.raises(RuntimeError, match="no prompts left"):  # here the stream ends; a sampler's never does
+        scheduler(None).rollout(fresh_from(range(1, 40)), version=1)

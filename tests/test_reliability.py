@@ -190,6 +190,27 @@ def test_a_nan_step_is_skipped_and_reported_and_the_run_goes_on(tmp_path, digit_
     assert any(not torch.equal(step[3][k], v) for k, v in step[1].items())
 
 
+def test_april_ends_a_step_whose_filter_keeps_nothing_after_max_waves(tmp_path, digit_model, monkeypatch):
+    """A policy that answers every prompt right gives all-equal groups, which dynamic sampling drops,
+    and APRIL submits wave after wave to find a kept one: without rollout.april_max_waves the step
+    never ends. The filter here keeps nothing; with april_max_waves=2 each step ends after 2 waves
+    of N' = 4 groups, trains on nothing (skipped_update) and says so (april/waves_capped), and the
+    run finishes."""
+    from rlpost.metrics import read_metrics
+    from rlpost.objectives.grpo import GRPO
+    from rlpost.trainer import train
+
+    monkeypatch.setattr(GRPO, "keep", lambda self, group: False)
+    train(_config(tmp_path, digit_model, "train.max_steps=2", "rollout.scheduler=april", "rollout.engine=hf",
+                  "grpo.dynamic_sampling=true", "rollout.april_max_waves=2"), show_progress=False)
+    rows = [r for r in read_metrics(tmp_path / "run") if "reward" in r or "april/groups_submitted" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["april/waves_capped"] == 1.0 and r["april/groups_submitted"] == 2 * 4
+        assert r["april/groups_finished"] == 0.0 and r["april/groups_rejected"] == 8.0
+        assert r["skipped_update"] == 1.0
+
+
 def test_repeated_nan_steps_stop_the_run_with_the_last_good_checkpoint_intact(tmp_path, digit_model, monkeypatch):
     from rlpost.rundir import RunError
     from rlpost.trainer import train
