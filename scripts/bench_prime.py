@@ -14,7 +14,8 @@ outcome reward leaves at zero advantage):
           initialised from --prm-init (e.g. a PRM from scripts/bench_prm.py) or the base model
 Each (arm, seed) is one `rlpost train` in its own process, one after the other, skipped when it
 finished (in --out, or in docs/results/bench_prime/, where each finished run's metrics.jsonl is
-copied under a name made of its settings, so a study goes on in a fresh checkout); held-out greedy accuracy every --every steps. The table (OUT/table.md: mean and spread
+copied under a name made of its settings, so a study goes on in a fresh checkout); held-out greedy
+accuracy every --every steps. The table (OUT/table.md: mean and spread
 over seeds per evaluation point, rollouts so far, and PRIME's dense-reward scale
 prime/token_reward_abs) and the plot (OUT/prime.png). Goal: PRIME >= GRPO + 3 points at equal
 rollouts, or GRPO's final accuracy in <= 0.7x the rollouts.
@@ -54,13 +55,12 @@ def run(name: str, out: Path, overrides: list[str], steps: int) -> Path:
     if not finished(run_dir, steps) and kept.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(kept, run_dir / "metrics.jsonl")
-    if finished(run_dir, steps):
-        return run_dir
-    resume = ["--resume", str(run_dir)] if (run_dir / "checkpoints" / "latest").is_symlink() else []
-    cmd = [sys.executable, "-c", "import sys; from rlpost.cli import main; sys.exit(main())", "train",
-           "configs/prime_math.yaml", "--no-progress", *resume, *[x for o in overrides for x in ("--set", o)]]
-    print("$", " ".join(cmd[3:]), flush=True)
-    subprocess.run(cmd, cwd=REPO, check=True)
+    if not finished(run_dir, steps):
+        resume = ["--resume", str(run_dir)] if (run_dir / "checkpoints" / "latest").is_symlink() else []
+        cmd = [sys.executable, "-c", "import sys; from rlpost.cli import main; sys.exit(main())", "train",
+               "configs/prime_math.yaml", "--no-progress", *resume, *[x for o in overrides for x in ("--set", o)]]
+        print("$", " ".join(cmd[3:]), flush=True)
+        subprocess.run(cmd, cwd=REPO, check=True)
     KEPT.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "metrics.jsonl", kept)
     return run_dir
