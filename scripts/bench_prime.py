@@ -52,10 +52,11 @@ def run(name: str, out: Path, overrides: list[str], steps: int) -> Path:
     run_dir = out / name
     settings = [o for o in overrides if not o.startswith("run.output_dir=")]
     kept = KEPT / f"{name}-{hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]}.jsonl"
-    if not finished(run_dir, steps) and kept.is_file():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(kept, run_dir / "metrics.jsonl")
     if not finished(run_dir, steps):
+        if kept.is_file():  # kept only once finished
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept, run_dir / "metrics.jsonl")
+            return run_dir
         resume = ["--resume", str(run_dir)] if (run_dir / "checkpoints" / "latest").is_symlink() else []
         cmd = [sys.executable, "-c", "import sys; from rlpost.cli import main; sys.exit(main())", "train",
                "configs/prime_math.yaml", "--no-progress", *resume, *[x for o in overrides for x in ("--set", o)]]
