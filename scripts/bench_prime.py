@@ -23,11 +23,8 @@ rollouts, or GRPO's final accuracy in <= 0.7x the rollouts.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,36 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 KEPT = REPO / "docs" / "results" / "bench_prime"  # finished runs' metrics, committed
 sys.path.insert(0, str(REPO))
 
+from scripts.studies import run, spread  # noqa: E402
+
 TASK = ["data.arithmetic.num_operations=3", "data.arithmetic.train_size=2000", "data.arithmetic.test_size=200",
         "rollout.max_new_tokens=32", "grpo.dynamic_sampling=false", "grpo.accuracy_range=null", "eval.num_prompts=200",
         "eval.at_start=true"]
-
-
-def finished(run_dir: Path, steps: int) -> bool:
-    from rlpost.metrics import read_metrics
-    return (run_dir / "metrics.jsonl").is_file() and any(r.get("step") == steps and "eval/accuracy" in r
-                                                         for r in read_metrics(run_dir))
-
-
-def run(name: str, out: Path, overrides: list[str], steps: int) -> Path:
-    """One (arm, seed) run, skipped when it finished earlier: in `out`, or kept in KEPT (runs/ does not
-    outlive a checkout, so every finished run's metrics.jsonl is copied there, named by its settings)."""
-    run_dir = out / name
-    settings = [o for o in overrides if not o.startswith("run.output_dir=")]
-    kept = KEPT / f"{name}-{hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]}.jsonl"
-    if not finished(run_dir, steps):
-        if kept.is_file():  # kept only once finished
-            run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(kept, run_dir / "metrics.jsonl")
-            return run_dir
-        resume = ["--resume", str(run_dir)] if (run_dir / "checkpoints" / "latest").is_symlink() else []
-        cmd = [sys.executable, "-c", "import sys; from rlpost.cli import main; sys.exit(main())", "train",
-               "configs/prime_math.yaml", "--no-progress", *resume, *[x for o in overrides for x in ("--set", o)]]
-        print("$", " ".join(cmd[3:]), flush=True)
-        subprocess.run(cmd, cwd=REPO, check=True)
-    KEPT.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run_dir / "metrics.jsonl", kept)
-    return run_dir
 
 
 def curve(run_dir: Path, per_step: int) -> dict:
@@ -75,10 +47,6 @@ def curve(run_dir: Path, per_step: int) -> dict:
     scale = [r["prime/token_reward_abs"] for r in rows if "prime/token_reward_abs" in r]
     return {"accuracy": evals, "rollouts": {s: s * per_step for s in evals},
             "token_reward_abs": statistics.mean(scale) if scale else None}
-
-
-def spread(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -124,8 +92,9 @@ def main() -> int:
     results: dict = {}
     for arm, extra in arms.items():
         for seed in args.seeds:
-            run_dir = run(f"{arm}_seed{seed}", out, [*common, *extra, f"run.seed={seed}",
-                                                     f"run.output_dir={out / f'{arm}_seed{seed}'}"], args.steps)
+            run_dir = run(f"{arm}_seed{seed}", out, "configs/prime_math.yaml",
+                          [*common, *extra, f"run.seed={seed}", f"run.output_dir={out / f'{arm}_seed{seed}'}"],
+                          args.steps, KEPT)
             results.setdefault(arm, {})[seed] = curve(run_dir, per_step)
 
     steps = sorted(results["grpo"][args.seeds[0]]["accuracy"])
